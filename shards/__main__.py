@@ -1,0 +1,153 @@
+"""`python -m shards`: write, verify and describe WebDataset shard sets.
+
+    python -m shards write digits --out data/digits --val-fraction 0.1
+    python -m shards write idx /data/fashion-mnist --classes fashion-mnist --out data/fmnist
+    python -m shards write folder /data/pets --out data/pets --encoding jpg --shard-multiple 8
+    python -m shards write captions /data/pairs.jsonl --out data/pairs
+    python -m shards verify data/fmnist
+    python -m shards info data/fmnist/train --grid fmnist.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shards.info import info
+from shards.manifest import MANIFEST_NAME, Manifest
+from shards.sources import (
+    SampleSource,
+    caption_table_source,
+    digits_source,
+    idx_source,
+    image_folder_source,
+    mnist_splits,
+    resolve_classes,
+)
+from shards.verify import verify
+from shards.writer import ENCODINGS, write_shard_set, write_split_shard_sets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shards", description="WebDataset shard sets: write, verify, info.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
+    options.add_argument("--samples-per-shard", type=int, default=1000)
+    options.add_argument("--max-shard-bytes", type=int, default=0, help="close a shard before it passes this size")
+    options.add_argument("--shard-multiple", type=int, default=1,
+                         help="equal-sized shards whose count is a multiple of this (e.g. ranks x workers)")
+    options.add_argument("--encoding", choices=ENCODINGS, default="png")
+    options.add_argument("--jpg-quality", type=int, default=95)
+    options.add_argument("--val-fraction", type=float, default=0.0,
+                         help="write OUT/train and OUT/val, this fraction of samples going to val")
+    options.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    options.add_argument("--classes", help="fashion-mnist, mnist, or comma-separated class names")
+
+    write = commands.add_parser("write", help="write a shard set from a source")
+    kinds = write.add_subparsers(dest="kind", required=True)
+    kinds.add_parser("digits", parents=[options], help="scikit-learn's built-in 8x8 digits (1,797 images)")
+    folder = kinds.add_parser("folder", parents=[options], help="ROOT/<class>/<image> folders")
+    folder.add_argument("root", type=Path)
+    idx = kinds.add_parser("idx", parents=[options],
+                           help="a folder with the four (Fashion-)MNIST files, or an IDX images file with --labels")
+    idx.add_argument("path", type=Path)
+    idx.add_argument("--labels", type=Path, help="IDX labels file (when PATH is an images file)")
+    captions = kinds.add_parser("captions", parents=[options], help="a .csv/.tsv/.jsonl table: image, caption[, label]")
+    captions.add_argument("table", type=Path)
+
+    check = commands.add_parser("verify", help="re-hash shards, decode every sample; exit 1 on any problem")
+    check.add_argument("folder", type=Path)
+    describe = commands.add_parser("info", help="counts per shard and class; optional sample-grid PNG")
+    describe.add_argument("folder", type=Path)
+    describe.add_argument("--grid", type=Path, help="write a sample-grid PNG here")
+    describe.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
+    return parser
+
+
+def _sources(args: argparse.Namespace) -> dict[str, SampleSource]:
+    """Split name ("" for a single set) -> source, as the `write` arguments ask."""
+    classes = resolve_classes(args.classes) if args.classes else None
+    if args.kind == "digits":
+        if classes is not None:
+            raise ValueError("the digits set has fixed classes; drop --classes")
+        return {"": digits_source()}
+    if args.kind == "folder":
+        return {"": image_folder_source(args.root, classes)}
+    if args.kind == "captions":
+        return {"": caption_table_source(args.table, classes)}
+    if args.path.is_dir():
+        if args.val_fraction:
+            raise ValueError(f"{args.path} holds its own train and test (val) files; drop --val-fraction")
+        return mnist_splits(args.path, classes)
+    if not args.path.is_file():
+        raise FileNotFoundError(f"IDX path {args.path} does not exist: give a folder with train-images-idx3-ubyte"
+                                "[.gz] and the other three files, or an images file with --labels")
+    if args.labels is None:
+        raise ValueError(f"{args.path} is a single IDX file: give its labels file with --labels")
+    return {"": idx_source(args.path, args.labels, classes)}
+
+
+def _write(args: argparse.Namespace) -> int:
+    options = {
+        "samples_per_shard": args.samples_per_shard,
+        "max_shard_bytes": args.max_shard_bytes,
+        "encoding": args.encoding,
+        "jpg_quality": args.jpg_quality,
+        "shard_multiple": args.shard_multiple,
+    }
+    written: dict[Path, Manifest] = {}
+    for split, source in _sources(args).items():
+        samples = tqdm(source, total=source.count, desc=f"writing {split or 'shards'}", unit="img", disable=None)
+        common = {"classes": source.classes, "source": source.description, **options}
+        if split:
+            written[args.out / split] = write_shard_set(samples, args.out / split, split=split, **common)
+        elif args.val_fraction:
+            sets = write_split_shard_sets(samples, args.out, val_fraction=args.val_fraction, seed=args.seed, **common)
+            written.update({args.out / name: manifest for name, manifest in sets.items()})
+        else:
+            written[args.out] = write_shard_set(samples, args.out, **common)
+        if source.skipped:
+            print(f"skipped {source.skipped} of {source.count} entries of {source.description} (see warnings)")
+    for path, m in written.items():
+        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes")
+    return 0
+
+
+def _shard_sets(folder: Path) -> list[Path]:
+    """`folder` itself, or its subfolders that are shard sets (e.g. OUT/train and OUT/val)."""
+    if (folder / MANIFEST_NAME).is_file() or any(folder.glob("*.tar")) or not folder.is_dir():
+        return [folder]
+    subsets = sorted(p.parent for p in folder.glob(f"*/{MANIFEST_NAME}"))
+    return subsets or [folder]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "write":
+            return _write(args)
+        if args.command == "verify":
+            reports = [verify(folder) for folder in _shard_sets(args.folder)]
+            print("\n".join(r.format() for r in reports))
+            return 0 if all(r.ok for r in reports) else 1
+        for folder in _shard_sets(args.folder):
+            grid = args.grid
+            if grid is not None and folder != args.folder:  # one grid per subset, beside the requested path
+                grid = grid.with_name(f"{grid.stem}-{folder.name}{grid.suffix}")
+            print(info(folder, grid, per_class=args.per_class).format())
+        return 0
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

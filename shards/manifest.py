@@ -1,0 +1,84 @@
+"""The manifest of a shard set: `manifest.json` beside the shards.
+
+A shard set is one folder of WebDataset tar shards (`shard-000000.tar`, ...) plus
+`manifest.json`. Samples follow the WebDataset / img2dataset convention: files that
+share a `__key__` inside the tar, with extensions `.png` or `.jpg` (the image),
+`.cls` (integer class index as ASCII text), `.txt` (caption, UTF-8) and `.json`
+(per-sample metadata). Shards made by other tools work without a manifest: the
+reader then counts samples by scanning the tars once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shards.atomic import write_text_atomic
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "vitssl-shards/1"
+WRITER_VERSION = "0.1.0"
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name relative to the shard-set folder, e.g. "shard-000000.tar"
+    count: int  # samples in this shard
+    sha256: str  # hex digest of the whole tar file
+    bytes: int = 0
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    classes: list[str] = field(default_factory=list)  # index -> class name; empty if unlabelled
+    source: str = ""  # human-readable origin, e.g. "idx:/data/fashion-mnist (train)"
+    split: str = ""  # "train", "val", or "" for a single set
+    encoding: str = "png"  # "png" or "jpg"
+    image_mode: str = ""  # PIL mode of the stored images: "L" or "RGB"
+    image_size: list[int] = field(default_factory=list)  # [height, width] when all images share one size
+    has_captions: bool = False
+    writer_version: str = WRITER_VERSION
+    format: str = FORMAT
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["total"] = self.total
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        d = dict(d)
+        d.pop("total", None)
+        shards = [ShardInfo(**s) for s in d.pop("shards")]
+        known = set(cls.__dataclass_fields__)
+        return cls(shards=shards, **{k: v for k, v in d.items() if k in known})
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        write_text_atomic(path, self.to_json())
+        return path
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {folder}: not a shard set written by `python -m shards write`")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid shard manifest: {e}") from e
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,339 @@
+"""Where raw samples come from: image folders, IDX (MNIST-style) files, caption tables, built-in digits.
+
+Every source yields `RawSample`s in a fixed order with keys `f"{index:08d}"` (WebDataset keys
+must not contain dots) and records the original index / path in `meta`, which the writer stores
+as the sample's `.json`. Entries that cannot be read are skipped, logged and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import math
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+NAMED_CLASS_LISTS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_NAMES}
+
+# IDX type byte -> numpy dtype (big-endian, as the format specifies)
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: Image.Image
+    label: int | None = None
+    caption: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SampleSource:
+    """A re-iterable stream of samples plus what the manifest records about it.
+
+    `count` is the number of entries listed; fewer samples come out when some are skipped,
+    and `skipped` says how many were after an iteration.
+    """
+
+    description: str
+    classes: list[str]
+    count: int
+    generate: Callable[[Callable[[str, str], None]], Iterator[RawSample]] = field(repr=False)
+    skipped: int = 0
+
+    def __iter__(self) -> Iterator[RawSample]:
+        self.skipped = 0
+        return self.generate(self._skip)
+
+    def _skip(self, what: str, why: str) -> None:
+        self.skipped += 1
+        log.warning("skipped %s: %s", what, why)
+
+
+def normalize_mode(image: Image.Image) -> Image.Image:
+    """Keep "L" and "RGB" as they are; other grayscale modes become "L", everything else "RGB"."""
+    if image.mode in ("L", "RGB"):
+        return image
+    return image.convert("L" if image.mode in _GRAYSCALE_MODES else "RGB")
+
+
+def resolve_classes(spec: str) -> list[str]:
+    """`fashion-mnist`, `mnist`, or a comma-separated list of class names."""
+    if spec in NAMED_CLASS_LISTS:
+        return list(NAMED_CLASS_LISTS[spec])
+    names = [n.strip() for n in spec.split(",")]
+    if not spec.strip() or any(not n for n in names):
+        raise ValueError(f"bad class list {spec!r}: use fashion-mnist, mnist or comma-separated names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class list {spec!r} names a class twice")
+    return names
+
+
+def _open_image(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        # closing the file frees the pixels of `im`, so hand back a copy (or a converted image)
+        return im.copy() if im.mode in ("L", "RGB") else normalize_mode(im)
+
+
+# --- built-in digits --------------------------------------------------------------------------
+
+
+def digits_source() -> SampleSource:
+    """scikit-learn's bundled 1,797 8x8 handwritten digits, scaled from 0..16 to 0..255, mode "L"."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)
+    labels = digits.target.astype(int)
+
+    def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            yield RawSample(
+                key=f"{i:08d}",
+                image=Image.fromarray(pixels),
+                label=int(label),
+                caption=f"a handwritten digit {DIGIT_NAMES[label]}",
+                meta={"index": i, "source": "sklearn.datasets.load_digits"},
+            )
+
+    return SampleSource("sklearn digits (8x8)", list(DIGIT_NAMES), len(images), generate)
+
+
+# --- image folder -------------------------------------------------------------------------------
+
+
+def image_folder_source(root: str | Path, classes: list[str] | None = None) -> SampleSource:
+    """ROOT/<class>/<image>: classes are the sorted subfolder names (or `classes`, in that order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/<class>/<image files>)")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif missing := [c for c in classes if c not in found]:
+        raise FileNotFoundError(f"no subfolder for class(es) {missing} in {root}; found {found}")
+    if not classes:
+        raise ValueError(f"{root} has no class subfolders (expected ROOT/<class>/<image files>)")
+    extensions = set(Image.registered_extensions())
+    files: list[tuple[int, Path]] = []
+    for label, name in enumerate(classes):
+        in_class = sorted(
+            p for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
+        )  # fmt: skip
+        if not in_class:
+            log.warning("class folder %s holds no image files", root / name)
+        files += [(label, p) for p in in_class]
+    if not files:
+        raise ValueError(f"{root} holds no image files in its class subfolders {classes}")
+
+    def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
+        for i, (label, path) in enumerate(files):
+            try:
+                image = _open_image(path)
+            except _UNREADABLE as e:
+                skip(str(path), f"unreadable image ({e})")
+                continue
+            rel = path.relative_to(root).as_posix()
+            yield RawSample(f"{i:08d}", image, label, None, {"index": i, "path": rel})
+
+    return SampleSource(f"folder:{root}", list(classes), len(files), generate)
+
+
+# --- IDX (MNIST-style) --------------------------------------------------------------------------
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into an array of the shape its header gives."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(
+            f"{path}: not an IDX file: magic bytes {raw[:4].hex(' ')}, expected 00 00 <type> <ndim> "
+            f"with type one of {', '.join(f'{t:02x}' for t in IDX_DTYPES)}"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header} for {ndim} dims)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    need = math.prod(dims) * dtype.itemsize
+    have = len(raw) - header
+    if have != need:
+        what = "truncated" if have < need else "longer than its header says"
+        raise ValueError(f"{path}: {what}: header gives shape {dims} ({need} data bytes), file has {have}")
+    return np.frombuffer(raw, dtype=dtype, count=math.prod(dims), offset=header).reshape(dims)
+
+
+def idx_source(
+    images_path: str | Path, labels_path: str | Path, classes: list[str] | None = None, split: str = ""
+) -> SampleSource:
+    """Images (N, H, W) or (N, H, W, 3) uint8 and labels (N,) from a pair of IDX files."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+        raise ValueError(f"{images_path}: expected uint8 images (N, H, W) or (N, H, W, 3), got "
+                         f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{labels_path}: expected integer labels (N,), got {labels.dtype} {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"{labels_path}: negative label {labels.min()}")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    if classes is None:
+        classes = [str(i) for i in range(n_classes)]
+    elif n_classes > len(classes):
+        raise ValueError(f"{labels_path}: label {n_classes - 1} is out of range for {len(classes)} classes")
+    images = images.astype(np.uint8, copy=False)  # drop the big-endian marker; bytes are the same
+    labels = labels.astype(np.int64)
+    name = Path(images_path).name
+
+    def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
+        for i in range(len(images)):
+            yield RawSample(f"{i:08d}", Image.fromarray(images[i]), int(labels[i]), None, {"index": i, "file": name})
+
+    desc = f"idx:{images_path}" + (f" ({split})" if split else "")
+    return SampleSource(desc, list(classes), len(images), generate)
+
+
+def find_mnist_files(folder: str | Path) -> dict[str, tuple[Path, Path]]:
+    """The four (Fashion-)MNIST files in `folder` -> {"train": (images, labels), "val": (t10k images, labels)}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"IDX folder {folder} does not exist")
+    found: dict[str, tuple[Path, Path]] = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        pair = []
+        for kind, ndim in (("images", 3), ("labels", 1)):
+            names = [f"{prefix}-{kind}{sep}idx{ndim}-ubyte{gz}" for sep in ("-", ".") for gz in (".gz", "")]
+            hits = [folder / n for n in names if (folder / n).is_file()]
+            if not hits:
+                raise FileNotFoundError(f"no {prefix} {kind} file in {folder}: looked for {', '.join(names)}")
+            pair.append(hits[0])
+        found[split] = (pair[0], pair[1])
+    return found
+
+
+def mnist_splits(folder: str | Path, classes: list[str] | None = None) -> dict[str, SampleSource]:
+    """Train (train-*) and val (t10k-*) sources from a folder holding the four MNIST-style files."""
+    return {split: idx_source(im, lb, classes, split) for split, (im, lb) in find_mnist_files(folder).items()}
+
+
+# --- caption table ------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a .csv, .tsv or .jsonl table."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
+            rows = [(reader.line_num, row) for row in reader]
+            columns = reader.fieldnames or []
+        if missing := [c for c in ("image", "caption") if c not in columns]:
+            raise ValueError(f"{path}: missing column(s) {missing}; header is {columns}")
+        return rows
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+                if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+                    raise ValueError(f"{path} line {n}: need an object with 'image' and 'caption'")
+                rows.append((n, row))
+        return rows
+    raise ValueError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def _label_index(value: object, classes: list[str], where: str) -> int:
+    if isinstance(value, str) and value in classes:
+        return classes.index(value)
+    try:
+        index = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: label {value!r} is not one of the classes {classes} nor an index") from None
+    if not 0 <= index < len(classes):
+        raise ValueError(f"{where}: label {index} is out of range for {len(classes)} classes")
+    return index
+
+
+def _is_int(value: object) -> bool:
+    try:
+        int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, float)
+
+
+def caption_table_source(table: str | Path, classes: list[str] | None = None) -> SampleSource:
+    """Rows with `image` (relative to the table's folder, or absolute), `caption` and optional `label`.
+
+    Labels are class names or integer indices. Without `classes`, integer labels give classes
+    "0".."max" and named labels give the sorted set of names.
+    """
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"caption table {table} does not exist")
+    rows = _read_table(table)
+    if not rows:
+        raise ValueError(f"{table} has no rows")
+    given = [row.get("label") for _, row in rows if row.get("label") not in (None, "")]
+    if classes is None:
+        if all(_is_int(v) for v in given):
+            classes = [str(i) for i in range(max((int(v) for v in given), default=-1) + 1)]
+        else:
+            classes = sorted({str(v) for v in given})
+    labels = [
+        None if row.get("label") in (None, "") else _label_index(row["label"], classes, f"{table} line {n}")
+        for n, row in rows
+    ]
+
+    def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
+        for i, ((n, row), label) in enumerate(zip(rows, labels)):
+            where = f"{table} line {n}"
+            caption = str(row["caption"] or "").strip()
+            path = Path(str(row["image"]))
+            path = path if path.is_absolute() else table.parent / path
+            if not caption:
+                skip(where, "empty caption")
+                continue
+            if not path.is_file():
+                skip(where, f"missing image file {path}")
+                continue
+            try:
+                image = _open_image(path)
+            except _UNREADABLE as e:
+                skip(where, f"unreadable image {path} ({e})")
+                continue
+            yield RawSample(f"{i:08d}", image, label, caption, {"index": i, "path": str(row["image"])})
+
+    return SampleSource(f"captions:{table}", list(classes), len(rows), generate)

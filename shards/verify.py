@@ -1,0 +1,157 @@
+"""Check a shard set against its manifest: checksums, counts, every image decodes, labels in range."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from shards.manifest import Manifest, load_manifest, sha256_file
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+
+@dataclass
+class Problem:
+    shard: str  # shard file name, or "" for the set as a whole
+    key: str  # sample key, or "" for the shard as a whole
+    what: str
+
+    def __str__(self) -> str:
+        where = " ".join(p for p in (self.shard, f"key {self.key}" if self.key else "") if p) or "shard set"
+        return f"{where}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    shards_checked: int = 0
+    samples_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def bad_keys(self) -> set[tuple[str, str]]:
+        return {(p.shard, p.key) for p in self.problems if p.key}
+
+    def format(self) -> str:
+        lines = [f"BAD {p}" for p in self.problems]
+        verdict = "OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))"
+        lines.append(f"{verdict}: {self.folder}: {self.shards_checked} shards, {self.samples_checked} samples checked")
+        return "\n".join(lines)
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, grouping adjacent members the WebDataset way.
+
+    The key is the member path up to the first dot of its file name; raises tarfile.TarError,
+    EOFError or OSError on a corrupt or truncated tar.
+    """
+    key, files = None, {}
+    with tarfile.open(path, "r|") as tar:  # sequential: faster than random access
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, name = member.name.rpartition("/")
+            base, dot, ext = name.partition(".")
+            if not dot:
+                continue  # no extension: not part of any sample (WebDataset skips these too)
+            member_key = f"{folder}/{base}" if folder else base
+            if key is not None and member_key != key:
+                yield key, files
+                files = {}
+            key = member_key
+            files[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        # tarfile ends quietly at a cut-off header; a whole tar has two zero blocks after its last member
+        if tar.offset + 2 * tarfile.BLOCKSIZE > path.stat().st_size:
+            raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {tar.offset}")
+    if key is not None:
+        yield key, files
+
+
+def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> list[str]:
+    """What is wrong with one sample, as short sentences."""
+    wrong = []
+    images = [ext for ext in files if ext in IMAGE_EXTENSIONS]
+    if not images:
+        wrong.append(f"no image (has {sorted(files)})")
+    for ext in images:
+        try:
+            with Image.open(io.BytesIO(files[ext])) as im:
+                im.load()
+                mode, size = im.mode, [im.height, im.width]
+        except Exception as e:  # any decoder failure is a finding here, not a crash
+            wrong.append(f"undecodable .{ext} image ({type(e).__name__}: {e})")
+            continue
+        if manifest.image_mode and mode != manifest.image_mode:
+            wrong.append(f"image mode {mode}, manifest says {manifest.image_mode}")
+        if manifest.image_size and size != list(manifest.image_size):
+            wrong.append(f"image size {size}, manifest says {manifest.image_size}")
+    if "cls" in files:
+        try:
+            label = int(files["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            wrong.append(f"bad label {files['cls'][:20]!r}: not an integer")
+        else:
+            if manifest.classes and not 0 <= label < len(manifest.classes):
+                wrong.append(f"bad label {label}: out of range for {len(manifest.classes)} classes")
+    if "txt" in files:
+        try:
+            files["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            wrong.append("caption is not UTF-8")
+    elif manifest.has_captions:
+        wrong.append("no caption (.txt) though the manifest says every sample has one")
+    if "json" in files:
+        try:
+            json.loads(files["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            wrong.append("metadata .json does not parse")
+    return wrong
+
+
+def verify(folder: str | Path) -> VerifyReport:
+    """Re-hash every shard, open every sample and report each bad shard or key."""
+    folder = Path(folder)
+    report = VerifyReport(folder)
+    try:
+        manifest = load_manifest(folder)
+    except (FileNotFoundError, ValueError) as e:
+        report.problems.append(Problem("", "", str(e)))
+        return report
+    listed = {s.name for s in manifest.shards}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        report.problems.append(Problem(extra, "", "tar file not listed in the manifest"))
+    seen: dict[str, str] = {}
+    for shard in manifest.shards:
+        path = folder / shard.name
+        problems = report.problems
+        if not path.is_file():
+            problems.append(Problem(shard.name, "", "missing shard file"))
+            continue
+        report.shards_checked += 1
+        if path.stat().st_size != shard.bytes:
+            problems.append(Problem(shard.name, "", f"{path.stat().st_size} bytes, manifest says {shard.bytes}"))
+        if sha256_file(path) != shard.sha256:
+            problems.append(Problem(shard.name, "", "sha256 does not match the manifest"))
+        count = 0
+        try:
+            for key, files in iter_tar_samples(path):
+                count += 1
+                if key in seen:
+                    problems.append(Problem(shard.name, key, f"duplicate key (also in {seen[key]})"))
+                seen[key] = shard.name
+                problems += [Problem(shard.name, key, w) for w in _check_sample(key, files, manifest)]
+        except (tarfile.TarError, EOFError, OSError) as e:
+            problems.append(Problem(shard.name, "", f"corrupt or truncated tar after {count} samples ({e})"))
+        report.samples_checked += count
+        if count != shard.count:
+            problems.append(Problem(shard.name, "", f"{count} samples, manifest says {shard.count}"))
+    return report

@@ -1,0 +1,318 @@
+"""Write samples as a WebDataset shard set: `shard-000000.tar`, ... plus `manifest.json`.
+
+A shard set is written into a hidden temporary folder and renamed into place when complete, so an
+interrupted writer leaves neither a truncated shard nor a manifest under the final name (and a
+previous set at that path stays intact until the new one is whole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import tarfile
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from shards.atomic import atomic_path
+from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
+from shards.sources import RawSample, normalize_mode
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+_UNBALANCED_PATTERN = "unbalanced-{:06d}.tar"  # first pass when shards must be re-split evenly
+_TAR_BLOCK = 512
+_TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to a multiple of this
+_TAR_MTIME = 946684800  # fixed member times (2000-01-01) make the tars, and their sha256, reproducible
+ENCODINGS = ("png", "jpg")
+# WebDataset keys cannot hold dots; plain short ASCII keeps every tar member a single 512-byte header
+_KEY = re.compile(r"[!-~]{1,90}")
+
+Record = dict[str, "str | bytes"]  # {"__key__": key, "png": ..., "cls": ..., "txt": ..., "json": ...}
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How samples are cut into shards and how images are encoded."""
+
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 0  # 0: no byte limit
+    encoding: str = "png"
+    jpg_quality: int = 95
+    shard_multiple: int = 1  # >1: equal-sized shards (within one sample) whose count is a multiple of this
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_shard_bytes < 0:
+            raise ValueError(f"max_shard_bytes must be >= 0, got {self.max_shard_bytes}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if not 1 <= self.jpg_quality <= 100:
+            raise ValueError(f"jpg_quality must be in 1..100, got {self.jpg_quality}")
+        if self.shard_multiple < 1:
+            raise ValueError(f"shard_multiple must be >= 1, got {self.shard_multiple}")
+
+
+def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", jpg_quality: int = 95) -> Record:
+    """One sample as WebDataset record bytes: the image, `.cls`, `.txt` and `.json`."""
+    key = sample.key
+    if not _KEY.fullmatch(key) or "." in key or "/" in key:
+        raise ValueError(f"bad sample key {key!r}: use 1-90 printable ASCII characters without dots or slashes")
+    image = normalize_mode(sample.image)
+    buf = io.BytesIO()
+    if encoding == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="JPEG", quality=jpg_quality)
+    record: Record = {"__key__": key, encoding: buf.getvalue()}
+    if sample.label is not None:
+        if isinstance(sample.label, bool) or not 0 <= int(sample.label) < len(classes):
+            raise ValueError(f"sample {key}: label {sample.label!r} is out of range for {len(classes)} classes")
+        record["cls"] = str(int(sample.label)).encode("ascii")
+    if sample.caption is not None:
+        record["txt"] = sample.caption.encode("utf-8")
+    try:
+        record["json"] = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    except TypeError as e:
+        raise ValueError(f"sample {key}: metadata is not JSON-serialisable ({e})") from e
+    return record
+
+
+def _member_bytes(record: Record) -> int:
+    """Bytes the record adds to a tar: a header block per file plus its data padded to blocks."""
+    return sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for k, v in record.items() if k != "__key__")
+
+
+def _tar_file_bytes(member_bytes: int) -> int:
+    """Size of a closed tar holding members of this many bytes: two end blocks, padded to a record."""
+    return -(-(member_bytes + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
+
+
+def plan_balanced(record_bytes: list[int], options: ShardOptions) -> list[int]:
+    """Per-shard counts: a multiple of `shard_multiple` shards, sizes within one, under both limits."""
+    n, multiple = len(record_bytes), options.shard_multiple
+    offsets = [0, *itertools.accumulate(record_bytes)]
+    shards = multiple * math.ceil(n / (options.samples_per_shard * multiple))
+    while shards <= n:
+        sizes = [n // shards + (i < n % shards) for i in range(shards)]
+        starts = [0, *itertools.accumulate(sizes)]
+        fits = not options.max_shard_bytes or all(
+            size == 1 or _tar_file_bytes(offsets[start + size] - offsets[start]) <= options.max_shard_bytes
+            for start, size in zip(starts, sizes)
+        )
+        if fits:
+            return sizes
+        shards += multiple
+    raise ValueError(f"cannot cut {n} samples into a multiple of {multiple} equal, non-empty shards "
+                     f"under the limits {options}")
+
+
+class _ShardSink:
+    """Writes records into consecutive tar shards in `folder`, closing each one at its limit.
+
+    `spans` keeps (shard number, start, end) of every record's bytes, for re-cutting without re-encoding.
+    """
+
+    def __init__(self, folder: Path, pattern: str, options: ShardOptions):
+        self.folder, self.pattern, self.options = folder, pattern, options
+        self.shards: list[ShardInfo] = []
+        self.spans: list[tuple[int, int, int]] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+        self._bytes = 0
+
+    def add(self, record: Record) -> None:
+        size = _member_bytes(record)
+        if self._tar is not None and self._full(size):
+            self._close_shard()
+        if self._tar is None:
+            path = self.folder / self.pattern.format(len(self.shards))
+            self._tar = wds.TarWriter(str(path), encoder=False, mtime=_TAR_MTIME)
+        start = self._tar.tarstream.offset
+        self._tar.write(record)
+        self.spans.append((len(self.shards), start, self._tar.tarstream.offset))
+        self._count += 1
+        self._bytes += size
+
+    def _full(self, size: int) -> bool:
+        if self._count >= self.options.samples_per_shard:
+            return True
+        limit = self.options.max_shard_bytes
+        return bool(limit) and _tar_file_bytes(self._bytes + size) > limit
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        path = self.folder / self.pattern.format(len(self.shards))
+        self.shards.append(ShardInfo(path.name, self._count, sha256_file(path), path.stat().st_size))
+        self._tar, self._count, self._bytes = None, 0, 0
+
+    def close(self) -> list[ShardInfo]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shards
+
+
+def recut_shards(folder: Path, first: list[ShardInfo], spans: list[tuple[int, int, int]], plan: list[int]) -> list[ShardInfo]:
+    """Re-cut shards into `plan` counts by copying each record's tar blocks, then delete the originals.
+
+    A tar member's blocks do not depend on where it sits, so the copies are the very bytes a
+    TarWriter would write; each new shard ends with the end-of-archive blocks and record padding.
+    """
+    shards = []
+    records = iter(spans)
+    with ExitStack() as stack:
+        inputs = [stack.enter_context(open(folder / s.name, "rb")) for s in first]
+        for i, count in enumerate(plan):
+            path = folder / SHARD_PATTERN.format(i)
+            members = 0
+            with open(path, "wb") as out:
+                for shard, start, end in itertools.islice(records, count):
+                    inputs[shard].seek(start)
+                    out.write(inputs[shard].read(end - start))
+                    members += end - start
+                out.write(bytes(_tar_file_bytes(members) - members))
+            shards.append(ShardInfo(path.name, count, sha256_file(path), path.stat().st_size))
+    for s in first:
+        (folder / s.name).unlink()
+    return shards
+
+
+class _SetWriter:
+    """Encodes samples into one staging folder and produces its manifest."""
+
+    def __init__(self, folder: Path, classes: list[str], options: ShardOptions):
+        self.folder, self.classes, self.options = folder, list(classes), options
+        balance = options.shard_multiple > 1
+        self.sink = _ShardSink(folder, _UNBALANCED_PATTERN if balance else SHARD_PATTERN, options)
+        self.keys: set[str] = set()
+        self.modes: set[str] = set()
+        self.sizes: set[tuple[int, int]] = set()
+        self.captions = 0
+
+    def add(self, sample: RawSample) -> None:
+        record = encode_sample(sample, self.classes, self.options.encoding, self.options.jpg_quality)
+        if sample.key in self.keys:
+            raise ValueError(f"duplicate sample key {sample.key!r}")
+        self.keys.add(sample.key)
+        image = normalize_mode(sample.image)
+        self.modes.add(image.mode)
+        self.sizes.add((image.height, image.width))
+        self.captions += sample.caption is not None
+        self.sink.add(record)
+
+    def finish(self, source: str, split: str) -> Manifest:
+        shards = self.sink.close()
+        if not shards:
+            raise ValueError(f"no samples to write for {source}" + (f" ({split})" if split else ""))
+        if self.options.shard_multiple > 1:
+            shards = self._balance(shards)
+        manifest = Manifest(
+            shards=shards,
+            classes=self.classes,
+            source=source,
+            split=split,
+            encoding=self.options.encoding,
+            image_mode=next(iter(self.modes)) if len(self.modes) == 1 else "",
+            image_size=list(next(iter(self.sizes))) if len(self.sizes) == 1 else [],
+            has_captions=self.captions == len(self.keys),
+        )
+        manifest.save(self.folder)
+        return manifest
+
+    def _balance(self, first: list[ShardInfo]) -> list[ShardInfo]:
+        """Equal shards, a multiple of `shard_multiple` of them: rename the first pass if it is, else re-cut."""
+        counts = [s.count for s in first]
+        if len(counts) % self.options.shard_multiple == 0 and max(counts) - min(counts) <= 1:
+            renamed = []
+            for i, s in enumerate(first):
+                name = SHARD_PATTERN.format(i)
+                os.replace(self.folder / s.name, self.folder / name)
+                renamed.append(ShardInfo(name, s.count, s.sha256, s.bytes))
+            return renamed
+        spans = self.sink.spans
+        plan = plan_balanced([end - start for _, start, end in spans], self.options)
+        return recut_shards(self.folder, first, spans, plan)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an empty folder or an earlier shard set (it has a manifest) may be replaced."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise FileExistsError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing to replace it")
+
+
+def write_shard_set(
+    samples: Iterable[RawSample],
+    out_dir: str | os.PathLike,
+    *,
+    classes: list[str],
+    source: str,
+    split: str = "",
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 0,
+    encoding: str = "png",
+    jpg_quality: int = 95,
+    shard_multiple: int = 1,
+) -> Manifest:
+    """Write `samples` as `out_dir/shard-000000.tar`, ... and `out_dir/manifest.json`.
+
+    A shard closes at `samples_per_shard` samples or before it would pass `max_shard_bytes`.
+    With `shard_multiple` M > 1 the set is re-cut into a multiple of M shards whose counts differ
+    by at most one, so that ranks x workers get equal shares.
+    """
+    options = ShardOptions(samples_per_shard, max_shard_bytes, encoding, jpg_quality, shard_multiple)
+    out = Path(out_dir)
+    _check_replaceable(out)
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        writer = _SetWriter(staging, classes, options)
+        for sample in samples:
+            writer.add(sample)
+        manifest = writer.finish(source, split)
+    return manifest
+
+
+def is_val(key: str, seed: int, val_fraction: float) -> bool:
+    """Deterministic split by a seeded hash of the key: a sample's side never depends on the others."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def write_split_shard_sets(
+    samples: Iterable[RawSample],
+    out_dir: str | os.PathLike,
+    *,
+    val_fraction: float,
+    seed: int = 0,
+    classes: list[str],
+    source: str,
+    **options: object,
+) -> dict[str, Manifest]:
+    """Write `out_dir/train/` and `out_dir/val/`, each a full shard set, in one pass over `samples`.
+
+    A sample goes to val when a hash of (seed, key) falls under `val_fraction`, so the val share is
+    `val_fraction` up to sampling noise. `options` are those of `write_shard_set`.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    opts = ShardOptions(**options)  # type: ignore[arg-type]
+    out = Path(out_dir)
+    for split in ("train", "val"):
+        _check_replaceable(out / split)
+    with ExitStack() as stack:
+        writers = {}
+        for split in ("train", "val"):
+            staging = stack.enter_context(atomic_path(out / split))
+            staging.mkdir()
+            writers[split] = _SetWriter(staging, classes, opts)
+        for sample in samples:
+            writers["val" if is_val(sample.key, seed, val_fraction) else "train"].add(sample)
+        return {split: w.finish(source, split) for split, w in writers.items()}
