@@ -1,0 +1,1 @@
+"""Everything that learns without labels: backbone, objectives, the one trainer, recipes."""

@@ -1,0 +1,252 @@
+"""The backbone: always a timm `VisionTransformer`, never a fork.
+
+* `create_backbone(cfg)` builds it by name (+ optional dimension overrides) with a dynamic image size,
+  so crops of another resolution (DINO's local views) go through the same model.
+* `forward_visible` runs the encoder on a subset of patch tokens (MAE: masked patches cost nothing);
+  `forward_masked` runs every token with masked ones replaced by a mask token (MAE's baseline, SimMIM).
+  Both are written against timm's own parts, so they follow timm's forward exactly.
+* `export_backbone` / `load_backbone`: `model.safetensors` + `config.json`, where the config is the kwargs of
+  `timm.create_model(**config)`, so an exported backbone loads without any code of this project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+
+from pretrain.recipe import ModelConfig
+from shards.atomic import atomic_path, write_text_atomic
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def sincos_2d_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, shape (1, num_prefix_tokens + H*W, dim); prefix rows are zero.
+
+    Token i = h*W + w (row-major, as patches are flattened). Channel layout (timm's, each dim/4 wide):
+    [sin(h*f), sin(w*f), cos(h*f), cos(w*f)] with f_k = 10000^(-k/(dim/4)), the frequencies MAE uses.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D position embedding needs embed_dim divisible by 4, got {dim}")
+    grid = build_sincos2d_pos_embed(list(grid_size), dim=dim)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), grid], dim=0).unsqueeze(0)
+
+
+def create_backbone(cfg: ModelConfig, device: torch.device | str | None = None) -> VisionTransformer:
+    """Build the timm ViT the recipe's `model` section describes (random init; never downloads weights)."""
+    cfg.validate()
+    kwargs: dict[str, Any] = dict(
+        pretrained=False,
+        num_classes=0,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        drop_path_rate=cfg.drop_path_rate,
+        dynamic_img_size=True,
+    )
+    for key in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
+        if getattr(cfg, key):
+            kwargs[key] = getattr(cfg, key)
+    try:
+        model = timm.create_model(cfg.name, device=device, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise ValueError(f"model.name={cfg.name!r}: {e}") from None
+    except TypeError as e:  # a non-ViT architecture rejects the ViT kwargs
+        raise ValueError(f"model.name={cfg.name!r} is not a timm VisionTransformer ({e})") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"model.name={cfg.name!r} builds a {type(model).__name__}, not a timm VisionTransformer"
+        )
+    if cfg.pos_embed == "sincos":
+        if model.pos_embed is None:
+            raise ValueError(f"model.name={cfg.name!r} has no absolute position embedding to make sin-cos")
+        n_prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
+        fixed = sincos_2d_pos_embed(model.patch_embed.grid_size, model.embed_dim, n_prefix)
+        with torch.no_grad():
+            model.pos_embed.copy_(fixed)
+        model.pos_embed.requires_grad_(False)  # fixed, as in MAE
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # torch.compile wraps the module; its weights and config are the original's.
+    return getattr(model, "_orig_mod", model)
+
+
+def backbone_config(model_or_cfg: VisionTransformer | ModelConfig) -> dict[str, Any]:
+    """Kwargs such that `timm.create_model(**config)` rebuilds the same architecture (JSON-serialisable).
+
+    Training-only settings (drop_path_rate, grad checkpointing) are left out: they change no weight.
+    """
+    if isinstance(model_or_cfg, ModelConfig):
+        model = create_backbone(model_or_cfg, device="meta")  # shapes only, no memory, no init cost
+    else:
+        model = _unwrap(model_or_cfg)
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not name:
+        raise ValueError("model has no pretrained_cfg['architecture']: build it with timm.create_model")
+    embed_dim = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 4 * embed_dim
+    mlp_ratio = hidden / embed_dim
+    if int(embed_dim * mlp_ratio) != hidden:  # timm floors dim * ratio; guard against float round-down
+        mlp_ratio = (hidden + 0.5) / embed_dim
+    return {
+        "model_name": name,
+        "pretrained": False,
+        "num_classes": model.num_classes,
+        "global_pool": model.global_pool,
+        "img_size": list(model.patch_embed.img_size),
+        "patch_size": list(model.patch_embed.patch_size),
+        "in_chans": model.in_chans,
+        "embed_dim": embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": model.blocks[0].attn.num_heads if len(model.blocks) else 1,
+        "mlp_ratio": mlp_ratio,
+        "dynamic_img_size": bool(model.dynamic_img_size),
+    }
+
+
+def _run_blocks(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    if model.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        x = checkpoint_seq(model.blocks, x)
+    else:
+        x = model.blocks(x)
+    return model.norm(x)
+
+
+def num_patches(model: VisionTransformer, images: torch.Tensor) -> int:
+    """Patch tokens this model makes of `images` (B, C, H, W) (H, W may differ from img_size)."""
+    gh, gw = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+    return gh * gw
+
+
+def forward_visible(
+    model: VisionTransformer, images: torch.Tensor, ids_keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Encode only the patches `ids_keep` (B, K) (row-major patch indices) of `images` (B, C, H, W).
+
+    Returns (B, num_prefix_tokens + K, D) after the final norm: prefix tokens (cls, registers) first, then the
+    kept patches in `ids_keep` order. Dropped patches never reach a block. `ids_keep=None` keeps all patches
+    and equals `model.forward_features(images)`.
+    """
+    x = model._pos_embed(model.patch_embed(images))  # (B, P + N, D): pos embed added, prefix tokens prepended
+    if ids_keep is not None:
+        p = model.num_prefix_tokens
+        n = x.shape[1] - p
+        if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
+            raise ValueError(f"ids_keep must be (B={x.shape[0]}, K), got {tuple(ids_keep.shape)}")
+        if ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= n):
+            raise ValueError(f"ids_keep must index the {n} patches, got values outside [0, {n})")
+        patches = torch.gather(x[:, p:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :p], patches], dim=1)
+    return _run_blocks(model, x)
+
+
+def forward_masked(
+    model: VisionTransformer, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
+    """Encode every patch, the masked ones (`mask` (B, N), 1 = masked) replaced by `mask_token` (1, 1, D).
+
+    The replacement happens before the position embedding is added, so a mask token still knows its place.
+    Returns (B, num_prefix_tokens + N, D).
+    """
+    x = model.patch_embed(images)  # (B, H', W', D) with dynamic_img_size, else (B, N, D)
+    b, d = x.shape[0], x.shape[-1]
+    if mask.shape != (b, x[0, ..., 0].numel()):
+        raise ValueError(f"mask must be (B={b}, N={x[0, ..., 0].numel()}), got {tuple(mask.shape)}")
+    w = mask.to(x.dtype).reshape(*x.shape[:-1], 1)
+    x = x * (1 - w) + mask_token.reshape(1, *([1] * (x.dim() - 2)), d).to(x.dtype) * w
+    return _run_blocks(model, model._pos_embed(x))
+
+
+def fingerprint(model: VisionTransformer) -> str:
+    """A short stable hash of the backbone's architecture config and weights (16 hex chars)."""
+    model = _unwrap(model)
+    h = hashlib.sha256(json.dumps(backbone_config(model), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def export_backbone(
+    model: VisionTransformer,
+    out_dir: str | Path,
+    mean: tuple[float, ...] | list[float] | None = None,
+    std: tuple[float, ...] | list[float] | None = None,
+) -> Path:
+    """Write `out_dir/model.safetensors` and `out_dir/config.json` (each atomically); return `out_dir`.
+
+    The config carries timm's `pretrained_cfg_overlay` with the input size and, when given, the normalisation
+    the backbone was trained with, so `timm.data.resolve_model_data_config(model)` on the rebuilt model is right.
+    """
+    model = _unwrap(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = backbone_config(model)
+    overlay: dict[str, Any] = {"input_size": [config["in_chans"], *config["img_size"]]}
+    if (mean is None) != (std is None):
+        raise ValueError("export_backbone: give both mean and std, or neither")
+    if mean is not None and std is not None:
+        if not len(mean) == len(std) == config["in_chans"]:
+            raise ValueError(f"export_backbone: mean/std need {config['in_chans']} values, got {mean}/{std}")
+        overlay.update(mean=[float(m) for m in mean], std=[float(v) for v in std])
+    config["pretrained_cfg_overlay"] = overlay
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "fingerprint": fingerprint(model)})
+    write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_backbone(path: str | Path) -> VisionTransformer:
+    """Rebuild an exported backbone from a folder (or a file in it) with safetensors + JSON only, no pickle."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"backbone file missing: {p}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a JSON backbone config ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
+        raise ValueError(f"{cfg_path}: not a backbone config (a JSON object with 'model_name' is expected)")
+    try:
+        model = timm.create_model(**config)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{cfg_path}: timm.create_model(**config) failed: {e}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{cfg_path}: builds a {type(model).__name__}, not a timm VisionTransformer")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{weights_path}: not a readable safetensors file (truncated or foreign?): {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        detail = f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else str(e)
+        raise ValueError(f"{weights_path}: weights do not fit the backbone in {cfg_path.name}: {detail}") from None
+    return model

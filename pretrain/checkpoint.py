@@ -1,0 +1,199 @@
+"""Training checkpoints: written atomically, loaded without executing pickled code.
+
+A checkpoint is a folder `OUT/checkpoints/step_00000100/` holding
+  model.safetensors      the objective's whole state (backbone, heads, teacher, ...)
+  backbone_config.json   kwargs for `timm.create_model(**config)` (so the backbone is self-describing)
+  optimizer.pt           optimizer state (tensors and numbers only; loaded with weights_only=True)
+  scaler.pt              fp16 grad-scaler state (only with fp16)
+  rng_rank{R}.pt / .json per-rank RNG states (torch tensors / python + numpy as JSON)
+  trainer_state.json     step, epoch, stream position, counters, the recipe
+The folder is assembled under `.step_00000100.tmp` and renamed when every rank has written its part,
+so a run killed mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from shards.atomic import write_text_atomic
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE_MARKER = "trainer_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or not ours."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batches_done: int = 0  # micro-batches consumed in `epoch` by each rank
+    nonfinite_total: int = 0
+    samples_seen: int = 0  # all ranks together
+    wall_seconds: float = 0.0
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    v, st, g = plain["python"]
+    random.setstate((v, tuple(st), g))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(
+    accelerator,
+    out_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    recipe: dict,
+    backbone_config: dict,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    root = checkpoint_root(out_dir)
+    name = f"step_{state.step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    model_state = accelerator.get_state_dict(model)  # collective under FSDP; unwraps DDP
+    tensors, plain = _rng_state()
+    rank = accelerator.process_index
+    torch.save(tensors, tmp / f"rng_rank{rank}.pt")
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(plain))
+    if accelerator.is_main_process:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "backbone_config.json").write_text(json.dumps(backbone_config, indent=2))
+        meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for f in tmp.iterdir():  # data reach the disk before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        write_text_atomic(root / "latest", name + "\n")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(ckpt: str | Path) -> tuple[TrainerState, dict]:
+    path = Path(ckpt) / COMPLETE_MARKER
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint: {COMPLETE_MARKER} is missing")
+    try:
+        meta = json.loads(path.read_text())
+        return TrainerState(**meta["state"]), meta
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a vitssl checkpoint: {e}") from e
+
+
+def load_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file: {e}") from e
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; one clear message for all
+        raise CheckpointError(f"{path} is truncated, corrupt or holds more than plain tensors: {e}") from e
+
+
+def load_checkpoint(
+    accelerator,
+    ckpt: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    restore_rng: bool = True,
+) -> TrainerState:
+    """Restore model, optimizer, scaler and this rank's RNG; return the trainer state."""
+    ckpt = Path(ckpt)
+    state, meta = read_trainer_state(ckpt)
+    weights = load_model_state(ckpt)
+    missing, unexpected = accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt} does not match this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    if optimizer is not None:
+        optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt"))
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(_torch_load(ckpt / "scaler.pt"))
+    if restore_rng:
+        rank = accelerator.process_index
+        if meta.get("world_size") == accelerator.num_processes and (ckpt / f"rng_rank{rank}.pt").is_file():
+            tensors = _torch_load(ckpt / f"rng_rank{rank}.pt")
+            plain = json.loads((ckpt / f"rng_rank{rank}.json").read_text())
+            _set_rng_state(tensors, plain)
+    return state

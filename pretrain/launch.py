@@ -1,0 +1,78 @@
+"""Make the Accelerator and refuse launches where the launcher and Accelerate disagree on the process count.
+
+Measured with accelerate 1.15 on a GPU-less machine:
+  * `accelerate launch --cpu --num_processes 2` starts ONE process (no WORLD_SIZE is set at all);
+  * `torchrun --nproc_per_node 2` (or `accelerate launch --multi_gpu`) with a plain `Accelerator()` gives two
+    unsynchronised rank-0 processes that race on the checkpoint folder.
+We build the Accelerator with `cpu=True` whenever no GPU is visible (which makes the second case work) and
+check the first case from the launcher's own command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+WORKING_COMMANDS = (
+    "  accelerate launch --multi_gpu --num_processes N -m pretrain RECIPE.yaml\n"
+    "  torchrun --nproc_per_node N -m pretrain RECIPE.yaml   (CPU: add ACCELERATE_USE_CPU=1 on a GPU machine)"
+)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def _launcher_requested_processes() -> int | None:
+    """The --num_processes an `accelerate launch` parent asked for, if that is our parent."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or a == "launch" for a in argv[:3]):
+        return None
+    for i, a in enumerate(argv):
+        m = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", a)
+        if m:
+            value = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def check_world(num_processes: int) -> None:
+    """Raise LaunchError when the launcher started a different number of processes than Accelerate sees."""
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world is not None and int(env_world) != num_processes:
+        raise LaunchError(
+            f"the launcher started WORLD_SIZE={env_world} processes but Accelerate sees {num_processes}: the ranks "
+            f"would train unsynchronised and race on the checkpoint folder. Launch with:\n{WORKING_COMMANDS}"
+        )
+    requested = _launcher_requested_processes()
+    if env_world is None and requested is not None and requested > 1 and num_processes == 1:
+        raise LaunchError(
+            f"`accelerate launch` was asked for {requested} processes but started one (accelerate ignores "
+            f"--num_processes together with --cpu). Launch with:\n{WORKING_COMMANDS}"
+        )
+
+
+def make_accelerator(*, precision: str = "no", cpu: bool = False, log_with=None, project_dir=None, **kwargs):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    use_cpu = cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if precision == "fp16" and use_cpu:
+        raise LaunchError("run.precision=fp16 needs a GPU; on CPU use run.precision=bf16 (or no)")
+    handlers = kwargs.pop("kwargs_handlers", None) or [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    acc = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=precision,
+        log_with=log_with,
+        project_dir=project_dir,
+        kwargs_handlers=handlers,
+        **kwargs,
+    )
+    check_world(acc.num_processes)
+    return acc

@@ -1,0 +1,60 @@
+"""The objective seam: every training objective (MAE, DINO, CLIP, supervised) has this face.
+
+The trainer never branches on an objective's name. It asks the objective for
+  * `train_transform()`: the per-sample view transform (runs in DataLoader workers),
+  * `forward(batch) -> (loss, metrics)`: one step's loss on a collated batch,
+  * `on_step_end(step, total_steps)`: a hook after each optimizer step (DINO's EMA teacher),
+  * `visualize(batch, path)`: an optional PNG for a fixed batch (MAE reconstructions),
+and trains whatever parameters the module holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set `self.backbone` (a timm VisionTransformer) in `__init__`."""
+
+    #: batch fields this objective needs besides "image" ("label" for supervised, "caption" for CLIP)
+    requires: tuple[str, ...] = ()
+
+    backbone: nn.Module
+
+    def train_transform(self) -> Callable[[Any], Any]:
+        """Per-sample transform from a decoded PIL image to the view(s) `forward` expects."""
+        raise NotImplementedError
+
+    def eval_transform(self) -> Callable[[Any], Any]:
+        """Deterministic per-sample transform (resize, normalise) for fixed visualisation batches."""
+        from pretrain.transforms import eval_transform
+
+        pe = self.backbone.patch_embed
+        return eval_transform(pe.img_size[0], pe.proj.in_channels)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (scalar loss, metrics). `batch["image"]` is a tensor or a list of tensors (multi-view)."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Called after every optimizer step (not on skipped steps); returns extra metrics."""
+        return {}
+
+    def on_epoch_start(self, epoch: int, steps_per_epoch: int) -> None:
+        """Called at every epoch start, including the epoch a resumed run starts in."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (as in `named_parameters()`) exempt from weight decay, beyond 1-d params."""
+        names = set()
+        for n in getattr(self.backbone, "no_weight_decay", lambda: set())():
+            names.add(f"backbone.{n}")
+        return names
+
+    def visualize(self, batch: dict[str, Any], path: Path) -> Path | None:
+        """Write a PNG that shows what the objective learns; None if it has nothing to show."""
+        return None

@@ -1,0 +1,529 @@
+"""The one training loop, for every objective.
+
+recipe -> shard stream -> objective views -> batch -> objective(batch) -> loss -> accelerator.backward
+-> optimizer / schedules -> objective hooks -> checkpoints and logs.
+
+Accelerate places devices, wraps DDP and runs mixed precision; gradient accumulation is counted here
+(so an epoch's update boundaries, and therefore exact resume, do not depend on Accelerate's internal
+counters). The trainer never branches on the objective's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from pretrain.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from pretrain.launch import make_accelerator
+from pretrain.objectives import build_objective
+from pretrain.recipe import Recipe, save_recipe
+from shards.atomic import write_text_atomic
+from shards.stream import ShardStream
+
+log = logging.getLogger("vitssl.trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint was reloaded."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    epochs_done: int
+    final_loss: float
+    checkpoint: Path | None
+    backbone_dir: Path | None
+    nonfinite_skipped: int
+    samples_seen: int
+    wall_seconds: float
+    pictures: list[Path] = field(default_factory=list)
+    stopped_early: str = ""  # why the run ended before its schedule ("", "max_minutes", "signal")
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule used by MAE, DINO and most ViT recipes: lr = base_lr * global_batch / 256."""
+    return base_lr * global_batch / 256
+
+
+def cosine_value(start: float, end: float, step: int, total: int) -> float:
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # ValueError: not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        r = recipe.run
+        self.out_dir = Path(r.out_dir)
+        trackers = [t for t in r.trackers if t != "jsonl"]
+        self.accelerator = make_accelerator(
+            precision=r.precision, cpu=r.cpu, log_with=trackers or None, project_dir=str(self.out_dir)
+        )
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
+
+        # Same initial weights on every rank; then a per-rank stream of randomness (masks, drop path).
+        torch.manual_seed(r.seed)
+        self.objective = build_objective(recipe)
+        torch.manual_seed(r.seed + 1 + 1000 * acc.process_index)
+
+        d, o = recipe.data, recipe.optim
+        if not d.train:
+            raise ValueError("data.train is empty: point it at a shard-set folder (see `python -m shards write`)")
+        self.stream = ShardStream(
+            d.train,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            transform=self.objective.train_transform(),
+            mode=d.mode,
+            remainder=d.remainder,
+            shuffle=True,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=r.seed,
+            epoch_samples=d.epoch_samples,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            max_bad_fraction=d.max_bad_fraction,
+            require=tuple(self.objective.requires),
+        )
+        self.batches_per_epoch = self.stream.batches_per_epoch()
+        self.steps_per_epoch = self.batches_per_epoch // o.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {self.batches_per_epoch} batches per process, fewer than optim.accum_steps="
+                f"{o.accum_steps}: lower data.batch_size or accumulation, or add data"
+            )
+        self.total_steps = r.max_steps or r.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.global_batch = d.batch_size * acc.num_processes * o.accum_steps
+        self.lr = scaled_lr(o.base_lr, self.global_batch)
+        self.warmup_steps = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
+
+        opt_kwargs: dict[str, Any] = {"eps": o.eps}
+        if o.name.lower() in ("adamw", "adam", "lamb", "adan", "lion", "nadamw"):
+            opt_kwargs["betas"] = tuple(o.betas)
+        if o.name.lower() in ("adamw", "adam") and acc.device.type == "cuda":
+            opt_kwargs["fused"] = True
+        self.optimizer = create_optimizer_v2(
+            self.objective,
+            opt=o.name,
+            lr=self.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            layer_decay=o.layer_decay or None,
+            **opt_kwargs,
+        )
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(1, self.total_steps - self.warmup_steps),
+            lr_min=o.min_lr,
+            warmup_t=self.warmup_steps,
+            warmup_lr_init=0.0 if self.warmup_steps else self.lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.model, self.optimizer = acc.prepare(self.objective, self.optimizer)
+        self.state = TrainerState()
+        self.last_checkpoint: Path | None = None
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ helpers
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _set_step_schedules(self, step: int) -> float:
+        """lr (timm's warmup + cosine, per update) and the optional weight-decay cosine, at `step`."""
+        self.scheduler.step_update(num_updates=step)
+        o = self.recipe.optim
+        if o.weight_decay_end >= 0:
+            wd = cosine_value(o.weight_decay, o.weight_decay_end, step, self.total_steps)
+            for g in self.optimizer.param_groups:
+                if g.get("weight_decay", 0.0) > 0.0 or g.get("_wd_scheduled"):
+                    g["weight_decay"] = wd
+                    g["_wd_scheduled"] = True
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag True when it is True on any rank (skip/stop decisions every rank must share)."""
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return [bool(v > 0) for v in t.tolist()]
+
+    def _backbone_config(self) -> dict:
+        from pretrain.backbone import backbone_config
+
+        return backbone_config(self._unwrapped().backbone)
+
+    def _save(self) -> Path:
+        ckpt = save_checkpoint(
+            self.accelerator,
+            self.out_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=self.state,
+            recipe=self.recipe.to_dict(),
+            backbone_config=self._backbone_config(),
+            keep_last=self.recipe.run.keep_last,
+        )
+        self.last_checkpoint = ckpt
+        if self.is_main:
+            log.info(f"checkpoint: {ckpt}")
+        return ckpt
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop log lines from steps the checkpoint does not contain (they will be redone)."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def _resume(self) -> None:
+        r = self.recipe.run
+        if r.resume == "never":
+            return
+        ckpt = latest_checkpoint(self.out_dir) if r.resume == "auto" else Path(r.resume)
+        if ckpt is None:
+            return
+        self.state = load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
+        self.last_checkpoint = ckpt
+        self._truncate_metrics(self.state.step)
+        if self.is_main:
+            log.info(
+                f"resumed from {ckpt}: step {self.state.step}, epoch {self.state.epoch}, "
+                f"batch {self.state.batches_done} of {self.batches_per_epoch}"
+            )
+
+    def _fixed_batch(self) -> dict | None:
+        """A few un-augmented images for pictures (the same ones at every call)."""
+        d = self.recipe.data
+        source = d.val or d.train
+        s = ShardStream(
+            source,
+            batch_size=8,
+            num_workers=0,
+            transform=self._unwrapped().eval_transform(),
+            mode="exact",
+            remainder="pad",
+            shuffle=False,
+            rank=0,
+            world_size=1,
+            max_bad_fraction=d.max_bad_fraction,
+        )
+        for batch in s.loader():
+            return to_device(batch, self.accelerator.device)
+        return None
+
+    def _pictures(self) -> list[Path]:
+        out = []
+        if not (self.recipe.run.visualize and self.is_main):
+            return out
+        batch = self._fixed_batch()
+        if batch is not None:
+            obj = self._unwrapped()
+            was_training = obj.training
+            obj.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                p = obj.visualize(batch, self.out_dir / "pictures" / f"{self.recipe.objective.name}_step{self.state.step:08d}.png")
+            obj.train(was_training)
+            if p is not None:
+                out.append(Path(p))
+        curve = loss_curve_png(self.metrics_path, self.out_dir / "pictures" / "loss_curve.png")
+        if curve is not None:
+            out.append(curve)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(self.recipe, self.out_dir / "recipe.yaml")
+        acc.wait_for_everyone()
+        if any(t != "jsonl" for t in r.trackers):
+            acc.init_trackers("trackers", config=_flat_config(self.recipe.to_dict()))
+        self._resume()
+        if self.is_main:
+            log.info(
+                f"{self.recipe.objective.name}: {acc.num_processes} process(es) on {acc.device}, precision {r.precision}; "
+                f"global batch {self.global_batch} = {self.recipe.data.batch_size} per process x "
+                f"{acc.num_processes} processes x {o.accum_steps} accumulation; "
+                f"lr = {o.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g}; "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, warmup {self.warmup_steps}"
+            )
+        self.model.train()
+        t_start = time.monotonic() - self.state.wall_seconds
+        last_ckpt_time = time.monotonic()
+        final_loss = float("nan")
+        bad_in_a_row = 0
+        stopped = ""
+        progress = None
+        if self.is_main and r.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        with _StopSignal() as stop:
+            while self.state.step < self.total_steps and not stopped:
+                epoch = self.state.epoch
+                self.stream.set_position(epoch, self.state.batches_done)
+                self._unwrapped().on_epoch_start(epoch, self.steps_per_epoch)
+                micro = 0
+                update_bad = False
+                update_samples = 0
+                window_loss, window_n, window_t0, window_samples = 0.0, 0, time.monotonic(), 0
+                metrics: dict[str, float] = {}
+                for batch in self.stream.loader(pin_memory=acc.device.type == "cuda"):
+                    # Micro-batches past the epoch's last full update are dropped, identically on every rank.
+                    if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
+                        break
+                    batch = to_device(batch, acc.device)
+                    self.state.batches_done += 1
+                    micro += 1
+                    is_update = micro % o.accum_steps == 0
+                    with acc.autocast():
+                        loss, metrics = self.model(batch)
+                    (bad,) = self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
+                    if bad:
+                        update_bad = True
+                    elif not update_bad:
+                        if is_update:
+                            acc.backward(loss / o.accum_steps)
+                        else:
+                            with acc.no_sync(self.model):
+                                acc.backward(loss / o.accum_steps)
+                        window_loss += float(loss.detach())
+                        window_n += 1
+                    n_img = batch["image"][0].shape[0] if isinstance(batch["image"], list) else batch["image"].shape[0]
+                    window_samples += n_img * acc.num_processes
+                    update_samples += n_img * acc.num_processes
+                    if not is_update:
+                        continue
+
+                    # ---- one optimizer update (or a skipped one) ----
+                    lr = self._set_step_schedules(self.state.step)
+                    grad_norm = float("nan")
+                    if update_bad:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.state.nonfinite_total += 1
+                        bad_in_a_row += 1
+                        log.warning(
+                            f"non-finite loss at step {self.state.step} (epoch {epoch}); update skipped "
+                            f"({bad_in_a_row} in a row, {self.state.nonfinite_total} in total)"
+                        )
+                        if bad_in_a_row >= r.nonfinite_patience:
+                            self._diverged(bad_in_a_row)
+                    else:
+                        bad_in_a_row = 0
+                        if o.clip_grad > 0:
+                            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.clip_grad))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.state.step += 1
+                        hook_metrics = self._unwrapped().on_step_end(self.state.step, self.total_steps)
+                        metrics = {**metrics, **hook_metrics}
+                    update_bad = False
+                    self.state.samples_seen += update_samples
+                    update_samples = 0
+                    if progress is not None:
+                        progress.update(1)
+
+                    now = time.monotonic()
+                    if window_n and (self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
+                        final_loss = window_loss / window_n
+                        rate = window_samples / max(now - window_t0, 1e-9)
+                        row = {
+                            "step": self.state.step,
+                            "epoch": epoch,
+                            "loss": final_loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "samples_per_s": rate,
+                            "nonfinite_total": self.state.nonfinite_total,
+                            **{k: float(v) for k, v in metrics.items() if k != "loss"},
+                        }
+                        self._log(row)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                        window_loss, window_n, window_t0, window_samples = 0.0, 0, now, 0
+                    elif window_n:
+                        final_loss = window_loss / window_n
+
+                    self.state.wall_seconds = now - t_start
+                    # Clock- and signal-driven decisions differ per rank; one all-reduce makes them shared.
+                    signalled, by_time, time_up = self._any_rank(
+                        stop.received is not None,
+                        r.checkpoint_every_minutes > 0 and now - last_ckpt_time >= 60 * r.checkpoint_every_minutes,
+                        r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
+                    )
+                    by_steps = r.checkpoint_every_steps and self.state.step % r.checkpoint_every_steps == 0
+                    if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
+                        self.state.epoch += 1
+                        self.state.batches_done = 0
+                    if by_steps or by_time or signalled or time_up:
+                        self._save()
+                        last_ckpt_time = time.monotonic()
+                    if signalled:
+                        stopped = "signal"
+                    elif time_up:
+                        stopped = "max_minutes"
+                    if stopped or self.state.step >= self.total_steps:
+                        break
+                    if self.state.batches_done == 0:  # epoch finished
+                        break
+                else:
+                    # loader exhausted before the step count says the epoch is over (fewer batches than planned)
+                    if self.state.batches_done:
+                        self.state.epoch += 1
+                        self.state.batches_done = 0
+        if progress is not None:
+            progress.close()
+        if self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)[0].step != self.state.step:
+            self._save()
+        backbone_dir = None
+        if self.is_main:
+            from pretrain.backbone import export_backbone
+
+            backbone_dir = export_backbone(self._unwrapped().backbone, self.out_dir / "backbone")
+        pictures = self._pictures()
+        acc.wait_for_everyone()
+        acc.end_training()
+        result = TrainResult(
+            out_dir=self.out_dir,
+            steps=self.state.step,
+            epochs_done=self.state.epoch,
+            final_loss=final_loss,
+            checkpoint=self.last_checkpoint,
+            backbone_dir=backbone_dir,
+            nonfinite_skipped=self.state.nonfinite_total,
+            samples_seen=self.state.samples_seen,
+            wall_seconds=self.state.wall_seconds,
+            pictures=pictures,
+            stopped_early=stopped,
+        )
+        if self.is_main:
+            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+            summary["pictures"] = [str(p) for p in pictures]
+            write_text_atomic(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
+        return result
+
+    def _diverged(self, count: int) -> None:
+        where = f"step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batches_done}"
+        if self.last_checkpoint is not None:
+            load_checkpoint(self.accelerator, self.last_checkpoint, model=self.model, optimizer=self.optimizer)
+            what = f"reloaded the last good checkpoint {self.last_checkpoint}"
+        else:
+            what = "no checkpoint had been written yet, so nothing was reloaded"
+        raise TrainingDiverged(
+            f"{count} non-finite losses in a row at {where} (run folder {self.out_dir}); {what}. "
+            f"Try a lower optim.base_lr, optim.clip_grad > 0, or run.precision=no."
+        )
+
+
+def loss_curve_png(metrics_path: Path, out: Path) -> Path | None:
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shards.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
+
+
+def train(recipe: Recipe) -> TrainResult:
+    return Trainer(recipe).fit()
+
+
+def main_process_env() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,218 @@
+"""The one trainer: outputs, exact resume, non-finite handling, launch checks, SIGKILL resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.checkpoint import latest_checkpoint, list_checkpoints
+from pretrain.launch import LaunchError, check_world
+from pretrain.recipe import load_recipe
+from pretrain.trainer import Trainer, TrainingDiverged, scaled_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.in_chans=1",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.mlp_ratio=2.0",
+    "model.pos_embed=sincos",
+    "objective.mae.decoder_embed_dim=32",
+    "objective.mae.decoder_depth=1",
+    "objective.mae.decoder_num_heads=2",
+    "objective.mae.mask_ratio=0.5",
+    "optim.base_lr=1e-3",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "run.progress=false",
+    "run.trackers=[jsonl]",
+    "run.log_every=1",
+]
+
+
+def tiny_recipe(shards: Path, out: Path, *extra: str):
+    return load_recipe(None, [*TINY, f"data.train={shards}", f"run.out_dir={out}", *extra])
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_lr_scaling_rule():
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    assert scaled_lr(5e-4, 256) == pytest.approx(5e-4)
+
+
+def test_mae_run_writes_everything(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_recipe(digits_shards, out, "run.epochs=3", "run.visualize=true"))
+    assert trainer.steps_per_epoch == -(-1797 // 32)  # one process, no workers: the last batch is partial
+    result = trainer.fit()
+    assert result.steps == 3 * trainer.steps_per_epoch and result.epochs_done == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == result.steps
+    assert rows[-1]["loss"] < rows[0]["loss"], "three epochs of MAE should lower the loss"
+    assert {"lr", "samples_per_s", "grad_norm"} <= set(rows[0])
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == f"step_{result.steps:08d}"
+    for f in ("model.safetensors", "optimizer.pt", "trainer_state.json", "backbone_config.json", "rng_rank0.pt"):
+        assert (ckpt / f).is_file(), f
+    assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
+    assert (out / "recipe.yaml").is_file() and (out / "train_summary.json").is_file()
+    pngs = {p.name for p in result.pictures}
+    assert any(n.startswith("mae_step") for n in pngs) and "loss_curve.png" in pngs
+    for p in result.pictures:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob("*.tmp")), "no temporary files may be left behind"
+
+
+def test_lr_warmup_and_cosine_follow_the_recipe(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    r = tiny_recipe(digits_shards, out, "run.max_steps=20", "optim.warmup_steps=5", "optim.min_lr=1e-5")
+    t = Trainer(r)
+    assert t.global_batch == 32 and t.lr == pytest.approx(1e-3 * 32 / 256)
+    t.fit()
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(0.0)  # first update at step 0 of warmup
+    assert lrs[4] == pytest.approx(t.lr * 4 / 5)
+    assert max(lrs) == pytest.approx(t.lr, rel=1e-6)
+    assert lrs[-1] < lrs[10] and lrs[-1] >= 1e-5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_matches_straight_run(digits_shards, tmp_path, workers):
+    """2x steps straight == x steps, a fresh process-state resume, x more steps (accumulation on, mid-epoch)."""
+    common = ["run.max_steps=14", "optim.accum_steps=2", "data.batch_size=16", f"data.num_workers={workers}",
+              "optim.warmup_steps=3", "optim.clip_grad=1.0", "run.checkpoint_every_steps=7", "run.visualize=false"]
+    straight = tmp_path / "straight"
+    Trainer(tiny_recipe(digits_shards, straight, *common)).fit()
+
+    resumed = tmp_path / "resumed"
+    Trainer(tiny_recipe(digits_shards, resumed, *common)).fit()
+    # Forget everything after step 7, as if the run had died there.
+    import shutil
+
+    for c in list_checkpoints(resumed):
+        if c.name != "step_00000007":
+            shutil.rmtree(c)
+    shutil.rmtree(resumed / "backbone")
+    torch.manual_seed(12345)  # disturb the process RNG: the checkpoint must restore it
+    t = Trainer(tiny_recipe(digits_shards, resumed, *common))
+    result = t.fit()
+    assert t.last_checkpoint.name == "step_00000014" and result.steps == 14
+
+    a, b = params(latest_checkpoint(straight)), params(latest_checkpoint(resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
+    # The resumed run redid no logged step twice.
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 14
+
+
+def _nan_after(module, steps_to_break: set[int] | None = None, from_call: int | None = None):
+    original = module.forward
+    calls = {"n": 0}
+
+    def forward(batch):
+        loss, metrics = original(batch)
+        calls["n"] += 1
+        if (steps_to_break and calls["n"] in steps_to_break) or (from_call is not None and calls["n"] >= from_call):
+            loss = loss * float("nan")
+        return loss, metrics
+
+    module.forward = forward
+    return calls
+
+
+def test_nonfinite_loss_is_skipped_and_counted(digits_shards, tmp_path):
+    t = Trainer(tiny_recipe(digits_shards, tmp_path / "run", "run.max_steps=10", "run.visualize=false"))
+    before = {k: v.clone() for k, v in t.objective.state_dict().items()}
+    _nan_after(t.objective, steps_to_break={3, 7})
+    result = t.fit()
+    assert result.nonfinite_skipped == 2
+    assert result.steps == 10  # skipped updates are not counted as steps
+    after = t.objective.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nonfinite_streak_reloads_last_good_checkpoint_and_stops(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    t = Trainer(tiny_recipe(digits_shards, out, "run.max_steps=30", "run.checkpoint_every_steps=4",
+                            "run.nonfinite_patience=3", "run.visualize=false"))
+    _nan_after(t.objective, from_call=7)
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 6.*reloaded.*step_00000004"):
+        t.fit()
+    good = params(out / "checkpoints" / "step_00000004")
+    for k, v in t.objective.state_dict().items():
+        torch.testing.assert_close(v, good[k])
+
+
+def test_world_size_mismatch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="torchrun --nproc_per_node"):
+        check_world(1)
+    check_world(2)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cli(digits_shards: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.train={digits_shards}", f"run.out_dir={out}", *extra]
+
+
+def test_accelerate_cpu_num_processes_trap_is_refused(digits_shards, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: refuse instead of training alone."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pretrain", "-",
+           *_cli(digits_shards, tmp_path / "run", "run.max_steps=2")]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    cmd[cmd.index("-")] = str(recipe)
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode != 0
+    assert "accelerate launch --multi_gpu --num_processes" in p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sigkill_mid_run_then_relaunch_finishes(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    cmd = [sys.executable, "-m", "pretrain", str(recipe),
+           *_cli(digits_shards, out, "run.max_steps=400", "run.checkpoint_every_steps=5", "run.visualize=false")]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list_checkpoints(out):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    first = latest_checkpoint(out)
+    assert first is not None, "the run wrote no checkpoint before it was killed"
+    step_killed = int(first.name.split("_")[1])
+    assert step_killed < 400
+    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"resumed from {first}" in p.stderr + p.stdout
+    assert latest_checkpoint(out).name == "step_00000400"
