@@ -187,6 +187,38 @@ def fingerprint(model: VisionTransformer) -> str:
     return h.hexdigest()[:16]
 
 
+def with_data_stats(
+    config: dict[str, Any],
+    mean: tuple[float, ...] | list[float] | None = None,
+    std: tuple[float, ...] | list[float] | None = None,
+) -> dict[str, Any]:
+    """`config` plus timm's `pretrained_cfg_overlay`: input size and, when given, the training normalisation,
+    so `timm.data.resolve_model_data_config` on the rebuilt model (and `data_stats`) give the right values."""
+    config = dict(config)
+    overlay: dict[str, Any] = {"input_size": [config["in_chans"], *config["img_size"]]}
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None and std is not None:
+        if not len(mean) == len(std) == config["in_chans"]:
+            raise ValueError(f"mean/std need {config['in_chans']} values, got {mean}/{std}")
+        overlay.update(mean=[float(m) for m in mean], std=[float(v) for v in std])
+    config["pretrained_cfg_overlay"] = overlay
+    return config
+
+
+def data_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a backbone was trained with, as recorded in its config; the house default otherwise."""
+    from pretrain.transforms import normalize_stats
+
+    model = _unwrap(model)
+    in_chans = model.patch_embed.proj.in_channels
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None and std is not None and len(mean) == len(std) == in_chans:
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return normalize_stats(in_chans)
+
+
 def export_backbone(
     model: VisionTransformer,
     out_dir: str | Path,
@@ -201,15 +233,7 @@ def export_backbone(
     model = _unwrap(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = backbone_config(model)
-    overlay: dict[str, Any] = {"input_size": [config["in_chans"], *config["img_size"]]}
-    if (mean is None) != (std is None):
-        raise ValueError("export_backbone: give both mean and std, or neither")
-    if mean is not None and std is not None:
-        if not len(mean) == len(std) == config["in_chans"]:
-            raise ValueError(f"export_backbone: mean/std need {config['in_chans']} values, got {mean}/{std}")
-        overlay.update(mean=[float(m) for m in mean], std=[float(v) for v in std])
-    config["pretrained_cfg_overlay"] = overlay
+    config = with_data_stats(backbone_config(model), mean, std)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "fingerprint": fingerprint(model)})

@@ -218,9 +218,10 @@ class Trainer:
         return [bool(v > 0) for v in t.tolist()]
 
     def _backbone_config(self) -> dict:
-        from pretrain.backbone import backbone_config
+        from pretrain.backbone import backbone_config, with_data_stats
 
-        return backbone_config(self._unwrapped().backbone)
+        objective = self._unwrapped()
+        return with_data_stats(backbone_config(objective.backbone), *objective.data_stats())
 
     def _save(self) -> Path:
         ckpt = save_checkpoint(
@@ -391,6 +392,7 @@ class Trainer:
                         bad_in_a_row = 0
                         if o.clip_grad > 0:
                             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.clip_grad))
+                        self._unwrapped().before_optimizer_step(self.state.step, self.total_steps)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                         self.state.step += 1
@@ -458,7 +460,8 @@ class Trainer:
         if self.is_main:
             from pretrain.backbone import export_backbone
 
-            backbone_dir = export_backbone(self._unwrapped().backbone, self.out_dir / "backbone")
+            objective = self._unwrapped()
+            backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats())
         pictures = self._pictures()
         acc.wait_for_everyone()
         acc.end_training()

@@ -1,21 +1,27 @@
 """Per-sample preprocessing shared by every objective and by downstream feature extraction.
 
-Normalisation is a convention of the backbone's channel count, so a checkpoint's features are computed
-with the same statistics it was trained with: ImageNet mean/std for RGB, 0.5/0.5 for grayscale.
+The normalisation a backbone was trained with travels with it: the trainer records the objective's
+mean/std in every checkpoint's and export's config (timm's `pretrained_cfg_overlay`), and feature
+extraction reads them back (`pretrain.backbone.data_stats`), so features see what training saw.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
-def normalize_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+
+def normalize_stats(in_chans: int) -> Stats:
+    """The default: ImageNet mean/std; for one channel their average (a gray image is the mean of its RGB)."""
     if in_chans == 3:
         return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-    return (0.5,) * in_chans, (0.5,) * in_chans
+    return (sum(IMAGENET_DEFAULT_MEAN) / 3,) * in_chans, (sum(IMAGENET_DEFAULT_STD) / 3,) * in_chans
 
 
 class EnsureMode:
@@ -31,26 +37,26 @@ class EnsureMode:
         return f"EnsureMode({self.mode!r})"
 
 
-def to_normalized_tensor(in_chans: int) -> v2.Compose:
-    mean, std = normalize_stats(in_chans)
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
-    """Deterministic: right channel count, resize + centre crop to img_size, normalise."""
+def eval_transform(
+    img_size: int, in_chans: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> v2.Compose:
+    """Deterministic: right channel count, resize + centre crop to img_size, normalise (default stats if none)."""
+    if mean is None or std is None:
+        mean, std = normalize_stats(in_chans)
     return v2.Compose(
         [
             EnsureMode(in_chans),
+            v2.ToImage(),
             v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
-            to_normalized_tensor(in_chans),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-def denormalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Inverse of the normalisation, clamped to [0, 1] for display."""
-    mean, std = normalize_stats(in_chans)
-    m = torch.tensor(mean, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(-1, 1, 1)
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of the normalisation, clamped to [0, 1] for display; x is (..., C, H, W)."""
+    m = torch.tensor(list(mean), device=x.device, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.tensor(list(std), device=x.device, dtype=x.dtype).view(-1, 1, 1)
     return (x * s + m).clamp(0, 1)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain.backbone import data_stats
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
 from pretrain.launch import LaunchError, check_world
 from pretrain.recipe import load_recipe
+from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer, TrainingDiverged, scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,8 @@ def test_lr_scaling_rule():
 
 def test_mae_run_writes_everything(digits_shards, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_recipe(digits_shards, out, "run.epochs=3", "run.visualize=true"))
+    trainer = Trainer(tiny_recipe(digits_shards, out, "run.epochs=3", "run.visualize=true",
+                                  "objective.mae.mean=[0.25]", "objective.mae.std=[0.5]"))
     assert trainer.steps_per_epoch == -(-1797 // 32)  # one process, no workers: the last batch is partial
     result = trainer.fit()
     assert result.steps == 3 * trainer.steps_per_epoch and result.epochs_done == 3
@@ -77,6 +80,9 @@ def test_mae_run_writes_everything(digits_shards, tmp_path):
     for p in result.pictures:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.tmp")), "no temporary files may be left behind"
+    # The training normalisation travels with the weights, in the checkpoint and in the export.
+    for where in (ckpt, out / "backbone", out):
+        assert data_stats(load_backbone_from(where)) == ((0.25,), (0.5,))
 
 
 def test_lr_warmup_and_cosine_follow_the_recipe(digits_shards, tmp_path):

@@ -3,6 +3,7 @@
 The trainer never branches on an objective's name. It asks the objective for
   * `train_transform()`: the per-sample view transform (runs in DataLoader workers),
   * `forward(batch) -> (loss, metrics)`: one step's loss on a collated batch,
+  * `before_optimizer_step(step, total_steps)`: a hook between backward and the update,
   * `on_step_end(step, total_steps)`: a hook after each optimizer step (DINO's EMA teacher),
   * `visualize(batch, path)`: an optional PNG for a fixed batch (MAE reconstructions),
 and trains whatever parameters the module holds.
@@ -25,6 +26,17 @@ class Objective(nn.Module):
     requires: tuple[str, ...] = ()
 
     backbone: nn.Module
+    #: per-channel normalisation of the training views; recorded with the backbone for downstream use
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def data_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the views are normalised with: the subclass's, else the house default."""
+        from pretrain.transforms import normalize_stats
+
+        if getattr(self, "mean", None) and getattr(self, "std", None):
+            return tuple(self.mean), tuple(self.std)
+        return normalize_stats(self.backbone.patch_embed.proj.in_channels)
 
     def train_transform(self) -> Callable[[Any], Any]:
         """Per-sample transform from a decoded PIL image to the view(s) `forward` expects."""
@@ -35,11 +47,15 @@ class Objective(nn.Module):
         from pretrain.transforms import eval_transform
 
         pe = self.backbone.patch_embed
-        return eval_transform(pe.img_size[0], pe.proj.in_channels)
+        return eval_transform(pe.img_size[0], pe.proj.in_channels, *self.data_stats())
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (scalar loss, metrics). `batch["image"]` is a tensor or a list of tensors (multi-view)."""
         raise NotImplementedError
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after backward and gradient clipping, before `optimizer.step()` (DINO freezes its last
+        layer here by dropping that layer's gradients: `p.grad = None` makes the optimizer skip it)."""
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """Called after every optimizer step (not on skipped steps); returns extra metrics."""

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -26,6 +25,7 @@ from pretrain.backbone import create_backbone, forward_masked, forward_visible, 
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import MAEConfig
+from pretrain.transforms import normalize_stats
 from shards.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -112,10 +112,8 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet statistics; for one channel their average (a gray image is the mean of its RGB)."""
-    if in_chans == 3:
-        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
-    return (sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,)
+    """The house default (`pretrain.transforms.normalize_stats`)."""
+    return normalize_stats(in_chans)
 
 
 def _init_decoder_weights(m: nn.Module) -> None:
