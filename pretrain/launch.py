@@ -17,7 +17,7 @@ import torch
 
 WORKING_COMMANDS = (
     "  accelerate launch --multi_gpu --num_processes N -m pretrain RECIPE.yaml\n"
-    "  torchrun --nproc_per_node N -m pretrain RECIPE.yaml   (CPU: add ACCELERATE_USE_CPU=1 on a GPU machine)"
+    "  ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node N -m pretrain RECIPE.yaml   (drop the variable on GPUs)"
 )
 
 

@@ -222,3 +222,26 @@ def test_sigkill_mid_run_then_relaunch_finishes(digits_shards, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"resumed from {first}" in p.stderr + p.stdout
     assert latest_checkpoint(out).name == "step_00000400"
+
+
+def test_two_cpu_processes_train_in_sync(digits_shards, tmp_path):
+    """torchrun, 2 processes, gloo: parameters stay identical and the ranks see different samples."""
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {**_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "two_rank_train.py"), str(out),
+           *_cli(digits_shards, out, "run.max_steps=6", "data.batch_size=16", "optim.accum_steps=2",
+                 "run.visualize=false")]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["params"] == ranks[1]["params"], "DDP ranks diverged"
+    seen = [set(r["seen"]) for r in ranks]
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 6 * 2 * 16
+    assert not seen[0] & seen[1], "the ranks trained on the same samples"
+    # The lr follows the true global batch: 2 processes x 16 x 2 accumulation.
+    assert ranks[0]["global_batch"] == 64 and ranks[0]["lr"] == pytest.approx(1e-3 * 64 / 256)
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step_00000006"
