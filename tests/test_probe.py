@@ -1,0 +1,281 @@
+"""Linear probes (MAE's, DINO's protocol), k-NN (DINO's protocol), their metrics and their JSON + PNG reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from downstream.probe import (
+    LinearHeads,
+    ProbeResult,
+    _fit,
+    check_features,
+    classification_metrics,
+    confusion_matrix,
+    held_out_split,
+    knn_classify,
+    knn_scores,
+    linear_probe_dino,
+    linear_probe_mae,
+    per_class_accuracy,
+    topk_accuracy,
+)
+from downstream.visualize import confusion_matrix_png
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def blobs(n_per_class: int, num_classes: int = 5, dim: int = 16, seed: int = 0, spread: float = 0.3):
+    """Gaussian clusters around well separated centres: a linearly separable problem."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.arange(num_classes).repeat_interleave(n_per_class)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    preds = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2, 0])
+    cm = confusion_matrix(preds, labels, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
+    assert per_class_accuracy(cm) == [pytest.approx(2 / 3), 0.5, 0.75, None]  # class 3 has no samples
+
+
+def test_topk_accuracy_counts_ties_against_the_true_class():
+    scores = torch.tensor([
+        [0.1, 0.5, 0.2, 0.0, 0.0, 0.0],  # true 1: rank 0
+        [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],  # true 1: last of six
+        [0.3, 0.3, 0.0, 0.0, 0.0, 0.0],  # true 0, tied with class 1: not top-1, but top-2
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # true 5 with score 0 tied with four others: rank 5, not in top-5
+    ])  # fmt: skip
+    labels = torch.tensor([1, 1, 0, 5])
+    assert topk_accuracy(scores, labels, 1) == pytest.approx(1 / 4)
+    assert topk_accuracy(scores, labels, 2) == pytest.approx(2 / 4)
+    assert topk_accuracy(scores, labels, 5) == pytest.approx(2 / 4)
+    assert topk_accuracy(scores, labels, 6) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="between 1 and the number of classes"):
+        topk_accuracy(scores, labels, 7)
+    m = classification_metrics(scores, labels, 6)
+    # top1 is the argmax (the first of tied maxima), so it agrees with the predictions and the confusion matrix
+    assert m["predictions"].tolist() == [1, 0, 0, 0]
+    assert m["top1"] == pytest.approx(2 / 4) and m["top5"] == pytest.approx(2 / 4)
+    assert classification_metrics(scores[:, :4], torch.tensor([1, 1, 0, 3]), 4)["top5"] is None
+
+
+def test_bad_inputs_are_named():
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    with pytest.raises(ValueError, match="train features must be 2-D"):
+        check_features(x[0], y, "train")
+    with pytest.raises(ValueError, match="test has 10 feature rows but 9 labels"):
+        check_features(x, y[:9], "test")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_features(torch.full((10, 4), float("nan")), y, "train")
+    with pytest.raises(ValueError, match="1-D integer"):
+        check_features(x, y.float(), "train")
+    with pytest.raises(ValueError, match=">= 0"):
+        check_features(x, y - 1, "train")
+    with pytest.raises(ValueError, match="4 dims but test features 3"):
+        knn_classify(x, y, torch.randn(5, 3), y[:5])
+    with pytest.raises(ValueError, match="a label is 2 but num_classes=2"):
+        knn_classify(x, y, x, y, num_classes=2)
+
+
+def test_held_out_split_is_stratified_seeded_and_disjoint():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 2 + [3])
+    train, held = held_out_split(labels, 0.2, seed=3)
+    assert set(train.tolist()).isdisjoint(held.tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(len(labels)))
+    counts = torch.bincount(labels[held], minlength=4).tolist()
+    assert counts == [10, 6, 1, 0]  # round(0.2 n), at least one when a class can spare it, none from a singleton
+    again = held_out_split(labels, 0.2, seed=3)
+    assert torch.equal(again[1], held) and not torch.equal(held_out_split(labels, 0.2, seed=4)[1], held)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def test_one_multi_head_pass_equals_separate_sgd_runs():
+    """The lr sweep trains all heads at once by scaling each head's gradient: exactly plain SGD per lr."""
+    x, y = blobs(40, num_classes=4, dim=8)
+    lrs = [0.05, 0.4]
+    multi = LinearHeads(8, 4, num_heads=2)
+    multi.reset_parameters(torch.Generator().manual_seed(1))
+    singles = []
+    for h in range(2):
+        single = LinearHeads(8, 4, num_heads=1)
+        with torch.no_grad():
+            single.weight.copy_(multi.weight[h : h + 1])
+            single.bias.copy_(multi.bias[h : h + 1])
+        singles.append(single)
+    opt = torch.optim.SGD(multi.parameters(), lr=1.0, momentum=0.9)
+    _fit(multi, x, y, opt, epochs=3, warmup_epochs=0, batch_size=32, generator=torch.Generator().manual_seed(5),
+         head_lr=torch.tensor(lrs))
+    for h, single in enumerate(singles):
+        opt = torch.optim.SGD(single.parameters(), lr=lrs[h], momentum=0.9)
+        _fit(single, x, y, opt, epochs=3, warmup_epochs=0, batch_size=32, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(multi.weight[h], single.weight[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(multi.bias[h], single.bias[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,base_lr", [("sgd", 0.1), ("lars", 4.0)])
+def test_mae_probe_learns_a_separable_problem(optimizer, base_lr):
+    train_x, train_y = blobs(80)
+    test_x, test_y = blobs(40, seed=1)
+    r = linear_probe_mae(train_x, train_y, test_x, test_y, epochs=20, warmup_epochs=2, batch_size=64,
+                         base_lr=base_lr, optimizer=optimizer)
+    assert r.protocol == f"mae-{optimizer}" and r.top1 >= 0.99 and r.top5 == 1.0
+    assert r.num_train == 400 and r.num_test == 200 and r.num_classes == 5
+    assert r.settings["lr"] == pytest.approx(base_lr * 64 / 256) and r.settings["base_lr"] == base_lr
+    assert r.settings["epochs"] == 20 and r.settings["batch_size"] == 64
+    assert np.asarray(r.confusion_matrix).sum() == 200
+    # The trained classifier is a plain (BatchNorm, Linear) that gives the reported predictions.
+    with torch.no_grad():
+        preds = r.classifier(test_x).argmax(1)
+    assert float((preds == test_y).float().mean()) == pytest.approx(r.top1)
+
+
+def test_dino_probe_learns_a_separable_problem():
+    train_x, train_y = blobs(80)
+    test_x, test_y = blobs(40, seed=1)
+    r = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=15, batch_size=64,
+                          classes=["a", "b", "c", "d", "e"])
+    assert r.protocol == "dino" and r.top1 >= 0.99 and r.top5 == 1.0
+    assert len(r.sweep) == 6 and {"base_lr", "lr", "held_out_top1", "held_out_loss"} <= set(r.sweep[0])
+    assert r.settings["base_lr"] in [s["base_lr"] for s in r.sweep]
+    assert "40 held-out train rows" in r.selection and r.classes == ["a", "b", "c", "d", "e"]
+
+
+def test_dino_lr_choice_ignores_the_test_set():
+    """Model selection sees only the held-out part of train: test labels (or features) change nothing in it."""
+    train_x, train_y = blobs(30, spread=2.0)  # overlapping classes: the lrs really differ on held-out rows
+    test_x, test_y = blobs(20, seed=1, spread=2.0)
+    kwargs = dict(epochs=5, batch_size=32, base_lrs=(1e-3, 1e-2, 1e-1, 1.0), refit=False)
+    a = linear_probe_dino(train_x, train_y, test_x, test_y, **kwargs)
+    perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(7))
+    b = linear_probe_dino(train_x, train_y, test_x, test_y[perm], **kwargs)
+    c = linear_probe_dino(train_x, train_y, torch.randn_like(test_x), torch.zeros_like(test_y), **kwargs)
+    assert a.sweep == b.sweep == c.sweep
+    assert a.settings == b.settings == c.settings
+    assert len({s["held_out_top1"] for s in a.sweep}) > 1, "the sweep should tell the lrs apart"
+    assert a.top1 != b.top1  # the test score itself does follow the test labels
+
+
+# --------------------------------------------------------------------------------------------------- k-NN
+
+
+def dino_knn_reference(train_x, train_y, test_x, k, T, num_classes):
+    """DINO's eval_knn.knn_classifier, in plain torch: full similarity matrix, topk, one-hot weighted vote."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    similarity = test_x @ train_x.t()
+    distances, indices = similarity.topk(k, largest=True, sorted=True)
+    retrieved = train_y.view(1, -1).expand(len(test_x), -1).gather(1, indices)
+    one_hot = F.one_hot(retrieved, num_classes).float()
+    return (one_hot * distances.div(T).exp().unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("k,T", [(20, 0.07), (5, 0.5)])
+def test_knn_matches_brute_force_torch(k, T):
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(1000, 24, generator=g), torch.randn(300, 24, generator=g) * 3
+    train_y, test_y = torch.randint(0, 7, (1000,), generator=g), torch.randint(0, 7, (300,), generator=g)
+    expected = dino_knn_reference(train_x, train_y, test_x, k, T, 7)
+    got = knn_scores(train_x, train_y, test_x, num_classes=7, k=k, temperature=T, query_batch=64)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    r = knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=T, query_batch=64)
+    assert r.protocol == "knn" and r.settings["k"] == k and r.settings["temperature"] == T
+    assert r.top1 == pytest.approx(float((expected.argmax(1) == test_y).float().mean()))
+    assert r.top5 == pytest.approx(topk_accuracy(expected, test_y, 5))
+    assert r.confusion_matrix == confusion_matrix(expected.argmax(1), test_y, 7).tolist()
+
+
+def test_knn_learns_a_separable_problem_and_clips_k():
+    train_x, train_y = blobs(30)
+    test_x, test_y = blobs(20, seed=1)
+    r = knn_classify(train_x, train_y, test_x, test_y)
+    assert r.top1 == 1.0 and r.top5 == 1.0 and r.num_train == 150
+    assert knn_classify(train_x[:8], train_y[:8], test_x, test_y, k=20).settings["k"] == 8
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn_classify(train_x, train_y, test_x, test_y, k=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        knn_classify(train_x, train_y, test_x, test_y, temperature=0)
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def test_result_writes_json_and_confusion_png(tmp_path):
+    train_x, train_y = blobs(30)
+    test_x, test_y = blobs(20, seed=1)
+    classes = ["ant", "bee", "cat", "dog", "eel"]
+    r = knn_classify(train_x, train_y, test_x, test_y, classes=classes)
+    paths = r.save(tmp_path / "report")
+    assert paths == {"json": tmp_path / "report" / "knn.json", "confusion_png": tmp_path / "report" / "knn_confusion.png"}
+    data = json.loads(paths["json"].read_text())
+    assert data == json.loads(r.to_json()) and "classifier" not in data
+    assert data["classes"] == classes and data["top1"] == r.top1 and len(data["confusion_matrix"]) == 5
+    assert paths["confusion_png"].read_bytes()[:8] == PNG
+    assert not list((tmp_path / "report").glob("*.tmp")) and not list((tmp_path / "report").glob(".*"))
+    probe = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=2, batch_size=64)
+    assert set(probe.save(tmp_path / "report", name="dino-cls")) == {"json", "confusion_png"}
+    assert set(ProbeResult.__dataclass_fields__) - set(probe.to_dict()) == {"classifier"}
+
+
+def test_confusion_png_refuses_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="square"):
+        confusion_matrix_png([[1, 2]], tmp_path / "cm.png")
+    with pytest.raises(ValueError, match="2 class names for a 3x3"):
+        confusion_matrix_png(np.eye(3, dtype=int), tmp_path / "cm.png", classes=["a", "b"])
+    with pytest.raises(ValueError, match="end in .png"):
+        confusion_matrix_png(np.eye(3, dtype=int), tmp_path / "cm.jpg")
+    # Many classes: no per-cell counts, still a picture; a class without samples is drawn as such.
+    cm = np.eye(40, dtype=int) * 3
+    cm[5, 5] = 0
+    assert confusion_matrix_png(cm, tmp_path / "big.png").read_bytes()[:8] == PNG
+
+
+# ------------------------------------------------------------------------------------ from a checkpoint
+
+
+def test_probe_checkpoint_embeds_probes_and_reports(tmp_path):
+    from downstream.features import FeatureError
+    from downstream.probe import probe_checkpoint
+    from pretrain.backbone import create_backbone, export_backbone
+    from pretrain.recipe import ModelConfig
+    from shards.sources import DIGIT_NAMES, digits_source
+    from shards.writer import write_split_shard_sets
+
+    source = digits_source()
+    write_split_shard_sets(source, tmp_path / "digits", val_fraction=0.25, classes=source.classes,
+                           source=source.description, samples_per_shard=400)
+    train, test = tmp_path / "digits" / "train", tmp_path / "digits" / "val"
+    torch.manual_seed(0)
+    backbone = create_backbone(ModelConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                                           num_heads=2, mlp_ratio=2.0))
+    export_backbone(backbone, tmp_path / "export")
+
+    knn = probe_checkpoint(tmp_path / "export", train, test, protocol="knn", cache_dir=tmp_path / "cache",
+                           out_dir=tmp_path / "report")
+    assert knn.protocol == "knn" and knn.classes == DIGIT_NAMES and knn.num_train + knn.num_test == 1797
+    assert knn.top1 > 0.5, "even a random ViT's CLS token sorts the digits far above chance (0.1)"
+    assert knn.settings["features"]["pooling"] == "cls" and not knn.settings["features"]["cached"]
+    assert json.loads((tmp_path / "report" / "knn.json").read_text())["top1"] == knn.top1
+    assert (tmp_path / "report" / "knn_confusion.png").read_bytes()[:8] == PNG
+
+    dino = probe_checkpoint(tmp_path / "export", train, test, protocol="dino", cache_dir=tmp_path / "cache",
+                            epochs=5, base_lrs=(0.1, 1.0))
+    assert dino.settings["features"]["cached"] and len(dino.sweep) == 2  # embedded once, probed twice
+    with pytest.raises(ValueError, match="protocol='svm'"):
+        probe_checkpoint(backbone, train, test, protocol="svm")
+    with pytest.raises(FeatureError, match="3-channel"):
+        rgb = create_backbone(ModelConfig(img_size=8, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2))
+        probe_checkpoint(rgb, train, test, protocol="knn")
