@@ -1,0 +1,123 @@
+"""`python -m downstream VERB ...`: use a trained backbone. A thin face over functions the tests call directly.
+
+  index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
+  index add DIR SHARDS                       embed more shards with the index's own backbone and append
+  index info DIR                             what an index holds
+  query DIR (--image FILE... | --key KEY...) top-k neighbours as a table / JSON, plus a contact-sheet PNG
+
+Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from downstream.features import FeatureError
+from downstream.retrieval import RetrievalError
+from pretrain.checkpoint import CheckpointError
+
+USER_ERRORS = (FileNotFoundError, FeatureError, RetrievalError, CheckpointError, ValueError, KeyError)
+
+
+def _common_embed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="reuse features embedded before with the same checkpoint")
+    p.add_argument("--no-thumbnails", action="store_true", help="store no thumbnails in the metadata database")
+
+
+def _index_build(a: argparse.Namespace) -> int:
+    from downstream.shard_index import build_index, index_summary
+
+    build_index(a.checkpoint, a.shards, a.out, pooling=a.pooling, factory=a.factory, exact_below=a.exact_below,
+                batch_size=a.batch_size, num_workers=a.num_workers, cache_dir=a.cache_dir,
+                thumbnails=not a.no_thumbnails)
+    info = index_summary(a.out)
+    print(f"indexed {info['count']} samples ({info['dim']}-d, {info['factory']}, pooling {info['pooling']}) -> {a.out}")
+    return 0
+
+
+def _index_add(a: argparse.Namespace) -> int:
+    from downstream.retrieval import RetrievalIndex
+    from downstream.shard_index import add_to_index
+
+    before = len(RetrievalIndex.load(a.index))
+    index = add_to_index(a.index, a.shards, checkpoint=a.checkpoint, batch_size=a.batch_size,
+                         num_workers=a.num_workers, cache_dir=a.cache_dir, thumbnails=not a.no_thumbnails)
+    print(f"added {len(index) - before} samples to {a.index}: {len(index)} in all")
+    return 0
+
+
+def _index_info(a: argparse.Namespace) -> int:
+    from downstream.shard_index import index_summary
+
+    print(json.dumps(index_summary(a.index), indent=2))
+    return 0
+
+
+def _query(a: argparse.Namespace) -> int:
+    from downstream.shard_index import query_index, write_json
+
+    result = query_index(a.index, images=a.image or (), keys=a.key or (), k=a.k, checkpoint=a.checkpoint,
+                         sheet=a.sheet)
+    if a.json:
+        write_json(a.json, result.to_dict())
+    print(result.table())
+    for what, path in (("contact sheet", result.sheet), ("json", a.json)):
+        if path:
+            print(f"{what}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m downstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
+    actions = index.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="embed a shard set and save an index folder")
+    b.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
+    b.add_argument("shards", help="shard-set folder (or glob / brace pattern / URL list)")
+    b.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    b.add_argument("--pooling", default="cls", help="cls, mean or lastN")
+    b.add_argument("--factory", default=None, help="any FAISS factory string, e.g. IVF256,Flat or HNSW32")
+    b.add_argument("--exact-below", type=int, default=100_000, help="exact search below this many vectors")
+    _common_embed(b)
+    b.set_defaults(run=_index_build)
+    ad = actions.add_parser("add", help="embed more shards with the index's backbone and append them")
+    ad.add_argument("index")
+    ad.add_argument("shards")
+    ad.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
+    _common_embed(ad)
+    ad.set_defaults(run=_index_add)
+    i = actions.add_parser("info", help="print what an index holds")
+    i.add_argument("index")
+    i.set_defaults(run=_index_info)
+
+    q = verbs.add_parser("query", help="nearest neighbours of images or indexed keys")
+    q.add_argument("index")
+    q.add_argument("--image", nargs="+", help="query image file(s)")
+    q.add_argument("--key", nargs="+", help="key(s) of indexed samples (they never find themselves)")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
+    q.add_argument("--sheet", default=None, help="write a contact-sheet PNG here")
+    q.add_argument("--json", default=None, help="write the results as JSON here")
+    q.set_defaults(run=_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
