@@ -1,5 +1,7 @@
 """`python -m downstream VERB ...`: use a trained backbone. A thin face over functions the tests call directly.
 
+  probe CHECKPOINT TRAIN TEST [--protocol dino|mae]  linear probe on frozen features -> JSON + confusion PNG
+  knn CHECKPOINT TRAIN TEST [-k 20 -T 0.07]          DINO's weighted k-NN on frozen features
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
@@ -26,6 +28,24 @@ def _common_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="reuse features embedded before with the same checkpoint")
     p.add_argument("--no-thumbnails", action="store_true", help="store no thumbnails in the metadata database")
+
+
+def _probe(a: argparse.Namespace) -> int:
+    from downstream.probe import probe_checkpoint
+
+    kwargs = {"k": a.k, "temperature": a.temperature} if a.verb == "knn" else {}
+    if a.verb == "probe" and a.epochs:
+        kwargs["epochs"] = a.epochs
+    protocol = "knn" if a.verb == "knn" else a.protocol
+    result = probe_checkpoint(a.checkpoint, a.train, a.test, protocol=protocol, pooling=a.pooling,
+                              cache_dir=a.cache_dir, out_dir=a.out, batch_size=a.batch_size,
+                              num_workers=a.num_workers, **kwargs)
+    top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
+    print(f"{protocol}: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} test; "
+          f"{result.selection})")
+    if a.out:
+        print(f"wrote {a.out}/{protocol}.json and {a.out}/{protocol}_confusion.png")
+    return 0
 
 
 def _index_build(a: argparse.Namespace) -> int:
@@ -75,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m downstream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    for verb, text in (("probe", "linear probe on frozen features"), ("knn", "k-NN on frozen features")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
+        p.add_argument("train", help="labelled shard set the classifier learns from")
+        p.add_argument("test", help="labelled shard set it is scored on")
+        p.add_argument("--pooling", default="cls", help="cls, mean or lastN (DINO's probe input: last4)")
+        p.add_argument("--out", default=None, help="folder for the JSON result and the confusion-matrix PNG")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--num-workers", type=int, default=0)
+        p.add_argument("--cache-dir", default=None, help="cache features here (keyed by checkpoint and data)")
+        if verb == "probe":
+            p.add_argument("--protocol", choices=("dino", "mae"), default="dino",
+                           help="dino: SGD, lr swept on held-out train; mae: BatchNorm + LARS")
+            p.add_argument("--epochs", type=int, default=0, help="default: the protocol's own")
+        else:
+            p.add_argument("-k", type=int, default=20)
+            p.add_argument("-T", "--temperature", type=float, default=0.07)
+        p.set_defaults(run=_probe)
 
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
     actions = index.add_subparsers(dest="action", required=True)

@@ -113,3 +113,19 @@ def test_cli_build_info_query_and_errors(digits_shards, backbone, tmp_path, caps
     assert "truncated or modified" in capsys.readouterr().err
     assert main(["index", "build", str(tmp_path / "nope"), str(digits_shards), "--out", str(tmp_path / "i2")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_probe_and_knn(digits_shards, backbone, tmp_path, capsys):
+    train = f"{digits_shards}/shard-{{000000..000002}}.tar"
+    test = f"{digits_shards}/shard-000003.tar"
+    out = tmp_path / "eval"
+    assert main(["knn", str(backbone), train, test, "-k", "5", "--out", str(out)]) == 0
+    result = json.loads((out / "knn.json").read_text())
+    assert result["num_train"] == 1348 and result["num_test"] == 449 and result["settings"]["k"] == 5
+    assert result["top1"] > 0.5  # even random ViT features separate digits far above chance (0.1)
+    assert (out / "knn_confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["probe", str(backbone), train, test, "--epochs", "5", "--out", str(out)]) == 0
+    assert "dino: top-1" in capsys.readouterr().out
+    assert json.loads((out / "dino.json").read_text())["num_test"] == 449
+    assert main(["probe", str(tmp_path / "missing"), train, test]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
