@@ -19,11 +19,11 @@ def _export(argv: list[str]) -> int:
     p.add_argument("run", help="run folder, checkpoint folder, or exported backbone folder")
     p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
     a = p.parse_args(argv)
-    from pretrain.backbone import export_backbone
+    from pretrain.backbone import data_stats, export_backbone
     from pretrain.restore import load_backbone_from
 
     model = load_backbone_from(a.run)
-    path = export_backbone(model, a.out)
+    path = export_backbone(model, a.out, *data_stats(model))  # the training normalisation goes along
     print(json.dumps({"exported": str(path)}))
     return 0
 
