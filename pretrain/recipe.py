@@ -10,6 +10,7 @@ any compute starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,176 @@ class MAEConfig:
 
 
 @dataclass
+class DINOConfig:
+    """DINO (Caron et al. 2021); defaults are the paper's ViT-S/16 values."""
+
+    out_dim: int = 65536  # prototypes K of the head's weight-normalised last layer
+    hidden_dim: int = 2048  # the head's MLP width
+    bottleneck_dim: int = 256
+    head_layers: int = 3  # Linear layers before the last layer (GELU between)
+    norm_last_layer: bool = True  # fix the last layer's weight-norm gain g = 1 (more stable)
+    freeze_last_layer: int = 1  # epochs during which the last layer gets no update
+    momentum_teacher: float = 0.996  # teacher EMA momentum, cosine schedule to 1 over the run
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30  # linear warmup_teacher_temp -> teacher_temp, then constant
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    global_crop_size: int = 0  # 0 = model.img_size
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_number: int = 8
+    local_crop_size: int = 96
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    hflip: bool = True
+    color_jitter_prob: float = 0.8  # RGB: brightness/contrast/saturation/hue; 1 channel: brightness/contrast
+    grayscale_prob: float = 0.2  # RGB only
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
+    solarize_prob: float = 0.2  # global 2 only
+    mean: list[float] = field(default_factory=list)  # per-channel Normalize; [] = ImageNet (gray: its average)
+    std: list[float] = field(default_factory=list)
+    collapse_warn_std: float = 0.05  # warn when embedding std x sqrt(dim) falls below this (1 = spread out)
+    collapse_warn_every: int = 100  # steps between two collapse warnings
+
+    def validate(self) -> None:
+        for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
+            _check(getattr(self, name) >= 1, f"objective.dino.{name}={getattr(self, name)}: must be >= 1")
+        _check(self.freeze_last_layer >= 0, "objective.dino.freeze_last_layer must be >= 0")
+        _check(0.0 <= self.momentum_teacher <= 1.0, "objective.dino.momentum_teacher must be in [0, 1]")
+        for name in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
+            _check(getattr(self, name) > 0, f"objective.dino.{name}={getattr(self, name)}: must be > 0")
+        _check(self.warmup_teacher_temp_epochs >= 0, "objective.dino.warmup_teacher_temp_epochs must be >= 0")
+        _check(0.0 <= self.center_momentum < 1.0, "objective.dino.center_momentum must be in [0, 1)")
+        _check(self.global_crop_size >= 0, "objective.dino.global_crop_size must be >= 0 (0 = model.img_size)")
+        _check(self.local_crops_number >= 0, "objective.dino.local_crops_number must be >= 0")
+        _check(self.local_crop_size > 0, "objective.dino.local_crop_size must be > 0")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            v = getattr(self, name)
+            _check(len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0,
+                   f"objective.dino.{name}={v}: two values with 0 < min <= max <= 1")
+        _check(len(self.blur_prob) == 3, f"objective.dino.blur_prob={self.blur_prob}: three probabilities "
+               "(global 1, global 2, locals)")
+        for name, v in (("color_jitter_prob", self.color_jitter_prob), ("grayscale_prob", self.grayscale_prob),
+                        ("solarize_prob", self.solarize_prob), *(("blur_prob", b) for b in self.blur_prob)):
+            _check(0.0 <= v <= 1.0, f"objective.dino.{name}={v}: a probability in [0, 1]")
+        _check(
+            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
+            f"objective.dino.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
+        )
+        _check(all(s > 0 for s in self.std), f"objective.dino.std={self.std}: must be > 0")
+        _check(self.collapse_warn_std >= 0, "objective.dino.collapse_warn_std must be >= 0")
+        _check(self.collapse_warn_every >= 1, "objective.dino.collapse_warn_every must be >= 1")
+
+
+@dataclass
+class CLIPConfig:
+    """CLIP (Radford et al. 2021): image tower = the backbone + a linear projection; text tower = open_clip's."""
+
+    embed_dim: int = 512  # joint image-text embedding width
+    proj_bias: bool = False  # bias in the image projection (open_clip's timm_proj_bias)
+    text_context_length: int = 77  # tokens per caption: open_clip's tokenizer pads / truncates to this
+    text_vocab_size: int = 49408  # open_clip's BPE vocabulary; must cover every id its tokenizer emits
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    text_mlp_ratio: float = 4.0
+    init_logit_scale: float = 2.6592600369327779  # log(1 / 0.07), as CLIP
+    max_logit_scale: float = 100.0  # exp(logit_scale) is clamped to this after every step, as CLIP
+    local_loss: bool = True  # each rank's rows against all ranks' columns (open_clip --local-loss)
+    gather_with_grad: bool = True  # all-gather features with their gradient (open_clip --gather-with-grad)
+    captions: str = "auto"  # "captions" (.txt), "classes" (class names in data.caption_templates), "auto"
+    class_names: list[str] = field(default_factory=list)  # "classes": index -> name; [] = the train manifest's
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
+    hflip: bool = False
+    mean: list[float] = field(default_factory=list)  # per-channel Normalize; [] = ImageNet (gray: its average)
+    std: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for key in ("embed_dim", "text_context_length", "text_vocab_size", "text_width", "text_heads", "text_layers"):
+            _check(getattr(self, key) >= 1, f"objective.clip.{key}={getattr(self, key)}: must be >= 1")
+        _check(
+            self.text_width % self.text_heads == 0,
+            f"objective.clip.text_width={self.text_width} is not divisible by text_heads={self.text_heads}",
+        )
+        _check(self.text_context_length >= 3, "objective.clip.text_context_length must be >= 3 (start, a token, end)")
+        _check(self.text_mlp_ratio > 0, "objective.clip.text_mlp_ratio must be > 0")
+        _check(self.max_logit_scale > 1.0, f"objective.clip.max_logit_scale={self.max_logit_scale}: must be > 1")
+        _check(
+            0.0 <= self.init_logit_scale <= math.log(self.max_logit_scale),
+            f"objective.clip.init_logit_scale={self.init_logit_scale}: must be in [0, log(max_logit_scale)]",
+        )
+        _one_of(self.captions, ("auto", "captions", "classes"), "objective.clip.captions")
+        _check(
+            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+            f"objective.clip.crop_scale={self.crop_scale}: two values with 0 < min <= max <= 1",
+        )
+        _check(
+            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
+            f"objective.clip.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
+        )
+        _check(all(s > 0 for s in self.std), f"objective.clip.std={self.std}: must be > 0")
+
+    def validate_recipe(self, recipe: Recipe) -> None:
+        """Checks across sections: a contrastive batch cannot be accumulated from independent micro-batches."""
+        _check(
+            recipe.optim.accum_steps == 1,
+            f"optim.accum_steps={recipe.optim.accum_steps} is refused for objective clip: a contrastive loss "
+            "contrasts each micro-batch only within itself, so accumulation would not give the negatives of the "
+            "global batch the learning rate is scaled for. Raise data.batch_size, or add processes (features are "
+            "gathered across ranks), and set optim.accum_steps=1.",
+        )
+        for t in recipe.data.caption_templates:
+            _check(t.count("{}") == 1, f"data.caption_templates entry {t!r}: needs exactly one '{{}}' for the class name")
+
+
+@dataclass
+class SupervisedConfig:
+    """Supervised fine-tuning (classification) of a backbone: backbone + head, cross-entropy, Mixup/CutMix."""
+
+    init_from: str = ""  # pretrained backbone to start from: run folder, checkpoint or export; "" = random init
+    num_classes: int = 0  # 0 = the class count in the train shards' manifest
+    head: str = "linear"  # "linear" or "cosine" (downstream.heads.CosineClassifier)
+    cosine_scale: float = 16.0  # cosine head: logits = scale * cos
+    learn_scale: bool = False  # cosine head: train the scale
+    pool: str = "cls"  # "cls" token or "mean" of patch tokens (MAE fine-tunes with the mean)
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # Mixup alpha (DeiT/MAE fine-tune: 0.8); 0 = off
+    cutmix: float = 0.0  # CutMix alpha (DeiT/MAE fine-tune: 1.0); 0 = off
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mixup_mode: str = "batch"  # timm Mixup mode: one lambda per "batch", "pair" or "elem"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True
+    mean: list[float] = field(default_factory=list)  # [] = what the pretrained backbone recorded (else ImageNet's)
+    std: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check(self.num_classes >= 0, f"objective.supervised.num_classes={self.num_classes}: must be >= 0 (0 = auto)")
+        _one_of(self.head, ("linear", "cosine"), "objective.supervised.head")
+        _check(self.cosine_scale > 0, f"objective.supervised.cosine_scale={self.cosine_scale}: must be > 0")
+        _one_of(self.pool, ("cls", "mean"), "objective.supervised.pool")
+        _check(0.0 <= self.label_smoothing < 1.0, "objective.supervised.label_smoothing must be in [0, 1)")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "objective.supervised.mixup/cutmix alphas must be >= 0")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"objective.supervised.{name} must be in [0, 1]")
+        _one_of(self.mixup_mode, ("batch", "pair", "elem"), "objective.supervised.mixup_mode")
+        _check(
+            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
+            f"objective.supervised.crop_scale={self.crop_scale}: two values with 0 < min <= max <= 1",
+        )
+        _check(
+            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
+            f"objective.supervised.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
+        )
+        _check(all(s > 0 for s in self.std), f"objective.supervised.std={self.std}: must be > 0")
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "mae"
     mae: MAEConfig = field(default_factory=MAEConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
 
     def validate(self) -> None:
         from pretrain.objectives import known_objectives
@@ -207,6 +375,10 @@ class Recipe:
     def validate(self) -> Recipe:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        # An objective's config may check other sections too (CLIP refuses gradient accumulation).
+        sub = getattr(self.objective, self.objective.name, None)
+        if hasattr(sub, "validate_recipe"):
+            sub.validate_recipe(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
@@ -129,10 +130,11 @@ class Trainer:
         self.is_main = acc.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
 
-        # Same initial weights on every rank; then a per-rank stream of randomness (masks, drop path).
+        # Same initial weights on every rank; then a per-rank stream of randomness (masks, drop path; numpy and
+        # python's too: timm's Mixup/CutMix draw from numpy), so a run repeats exactly.
         torch.manual_seed(r.seed)
         self.objective = build_objective(recipe)
-        torch.manual_seed(r.seed + 1 + 1000 * acc.process_index)
+        set_seed(r.seed + 1 + 1000 * acc.process_index)
 
         d, o = recipe.data, recipe.optim
         if not d.train:
@@ -208,7 +210,8 @@ class Trainer:
                 if g.get("weight_decay", 0.0) > 0.0 or g.get("_wd_scheduled"):
                     g["weight_decay"] = wd
                     g["_wd_scheduled"] = True
-        return self.optimizer.param_groups[0]["lr"]
+        # With layer-wise lr decay the groups' lrs are scaled down from the schedule's; log the unscaled one.
+        return max(g["lr"] for g in self.optimizer.param_groups)
 
     def _any_rank(self, *flags: bool) -> list[bool]:
         """Each flag True when it is True on any rank (skip/stop decisions every rank must share)."""
@@ -462,6 +465,7 @@ class Trainer:
 
             objective = self._unwrapped()
             backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats())
+            objective.on_train_end(self.out_dir)
         pictures = self._pictures()
         acc.wait_for_everyone()
         acc.end_training()

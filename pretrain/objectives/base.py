@@ -5,6 +5,7 @@ The trainer never branches on an objective's name. It asks the objective for
   * `forward(batch) -> (loss, metrics)`: one step's loss on a collated batch,
   * `before_optimizer_step(step, total_steps)`: a hook between backward and the update,
   * `on_step_end(step, total_steps)`: a hook after each optimizer step (DINO's EMA teacher),
+  * `on_train_end(out_dir)`: a hook after the backbone export (CLIP writes its open_clip model),
   * `visualize(batch, path)`: an optional PNG for a fixed batch (MAE reconstructions),
 and trains whatever parameters the module holds.
 """
@@ -70,6 +71,11 @@ class Objective(nn.Module):
         for n in getattr(self.backbone, "no_weight_decay", lambda: set())():
             names.add(f"backbone.{n}")
         return names
+
+    def on_train_end(self, out_dir: Path) -> list[Path]:
+        """Called once, on the main process, after the backbone export at the end of a run: write what else the
+        objective leaves behind under `out_dir` (CLIP: the whole model for open_clip). Returns what it wrote."""
+        return []
 
     def visualize(self, batch: dict[str, Any], path: Path) -> Path | None:
         """Write a PNG that shows what the objective learns; None if it has nothing to show."""
