@@ -36,7 +36,8 @@ from downstream.retrieval import (  # noqa: E402
     recall_at_k,
 )
 
-FMNIST_DIR = os.environ.get("VITSSL_FMNIST_DIR", "/work/shared/datasets/fashion-mnist")
+FMNIST_DIR = os.environ.get(
+    "VITSSL_FMNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-mnist"))
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot"]
 K = 10

@@ -38,7 +38,8 @@ from shards.sources import find_mnist_files, idx_source  # noqa: E402
 from shards.stream import ShardStream, iter_tar_samples, to_float_tensor  # noqa: E402
 from shards.writer import write_shard_set  # noqa: E402
 
-FMNIST_DIR = os.environ.get("VITSSL_FMNIST_DIR", "/work/shared/datasets/fashion-mnist")
+FMNIST_DIR = os.environ.get(
+    "VITSSL_FMNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-mnist"))
 WORKERS = (0, 1, 2)
 TARGET_PER_WORKER = 3000.0
 

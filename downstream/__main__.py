@@ -2,6 +2,7 @@
 
   probe CHECKPOINT TRAIN TEST [--protocol dino|mae]  linear probe on frozen features -> JSON + confusion PNG
   knn CHECKPOINT TRAIN TEST [-k 20 -T 0.07]          DINO's weighted k-NN on frozen features
+  finetune CHECKPOINT TRAIN VAL --out RUN [--recipe R] [key=value ...]  supervised fine-tune, then top-1 on VAL
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
@@ -20,6 +21,7 @@ from downstream.features import FeatureError
 from downstream.retrieval import RetrievalError
 from pretrain.checkpoint import CheckpointError
 
+# FinetuneError, RecipeError and the rest are ValueErrors.
 USER_ERRORS = (FileNotFoundError, FeatureError, RetrievalError, CheckpointError, ValueError, KeyError)
 
 
@@ -45,6 +47,16 @@ def _probe(a: argparse.Namespace) -> int:
           f"{result.selection})")
     if a.out:
         print(f"wrote {a.out}/{protocol}.json and {a.out}/{protocol}_confusion.png")
+    return 0
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from downstream.finetune import finetune
+
+    result = finetune(a.checkpoint, a.train, a.val, out_dir=a.out, recipe=a.recipe, overrides=a.overrides,
+                      img_size=a.img_size)
+    top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
+    print(f"finetune: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} val) -> {a.out}")
     return 0
 
 
@@ -114,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-k", type=int, default=20)
             p.add_argument("-T", "--temperature", type=float, default=0.07)
         p.set_defaults(run=_probe)
+
+    f = verbs.add_parser("finetune", help="fine-tune a pretrained backbone with labels (the same trainer)")
+    f.add_argument("checkpoint", help="pretrained run folder, checkpoint folder or exported backbone")
+    f.add_argument("train")
+    f.add_argument("val")
+    f.add_argument("--out", required=True, help="run folder (resumes when it holds a checkpoint)")
+    f.add_argument("--recipe", default=None, help="e.g. recipes/finetune_vit_tiny_fmnist.yaml")
+    f.add_argument("--img-size", type=int, default=None, help="fine-tune at another resolution (pos-embed resampled)")
+    f.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. run.epochs=5")
+    f.set_defaults(run=_finetune)
 
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
     actions = index.add_subparsers(dest="action", required=True)

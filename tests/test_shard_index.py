@@ -129,3 +129,9 @@ def test_cli_probe_and_knn(digits_shards, backbone, tmp_path, capsys):
     assert json.loads((out / "dino.json").read_text())["num_test"] == 449
     assert main(["probe", str(tmp_path / "missing"), train, test]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_finetune_refuses_clearly(digits_shards, tmp_path, capsys):
+    assert main(["finetune", str(tmp_path / "missing"), str(digits_shards), str(digits_shards),
+                 "--out", str(tmp_path / "ft")]) == 1
+    assert "missing" in capsys.readouterr().err
