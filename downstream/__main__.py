@@ -3,6 +3,7 @@
   probe CHECKPOINT TRAIN TEST [--protocol dino|mae]  linear probe on frozen features -> JSON + confusion PNG
   knn CHECKPOINT TRAIN TEST [-k 20 -T 0.07]          DINO's weighted k-NN on frozen features
   finetune CHECKPOINT TRAIN VAL --out RUN [--recipe R] [key=value ...]  supervised fine-tune, then top-1 on VAL
+  zeroshot CLIP_RUN SHARDS [--retrieval CAPTION_SHARDS]  zero-shot top-1 from class names x templates
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
@@ -57,6 +58,23 @@ def _finetune(a: argparse.Namespace) -> int:
                       img_size=a.img_size)
     top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
     print(f"finetune: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} val) -> {a.out}")
+    return 0
+
+
+def _zeroshot(a: argparse.Namespace) -> int:
+    from downstream.shard_index import write_json
+    from downstream.zeroshot import zeroshot
+
+    result = zeroshot(a.checkpoint, a.shards, a.template or None, retrieval_shards=a.retrieval,
+                      batch_size=a.batch_size, cache_dir=a.cache_dir)
+    if result.top1 is not None:
+        print(f"zero-shot: top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  ({result.num_samples} images, "
+              f"{len(result.classes)} classes x {len(result.templates)} templates)")
+    if result.retrieval is not None:
+        print(f"image<->text retrieval: {json.dumps(result.to_dict()['retrieval'])}")
+    if a.json:
+        write_json(a.json, result.to_dict())
+        print(f"json: {a.json}")
     return 0
 
 
@@ -136,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--img-size", type=int, default=None, help="fine-tune at another resolution (pos-embed resampled)")
     f.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. run.epochs=5")
     f.set_defaults(run=_finetune)
+
+    z = verbs.add_parser("zeroshot", help="CLIP: zero-shot classification and image-text retrieval")
+    z.add_argument("checkpoint", help="CLIP run folder, its open_clip export or a checkpoint")
+    z.add_argument("shards", nargs="?", default=None, help="labelled shard set to classify")
+    z.add_argument("--template", action="append", help="caption template with one {} (repeat; default a list)")
+    z.add_argument("--retrieval", default=None, help="caption shard set for image<->text recall@1/5/10")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--cache-dir", default=None)
+    z.add_argument("--json", default=None, help="write the result as JSON here")
+    z.set_defaults(run=_zeroshot)
 
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
     actions = index.add_subparsers(dest="action", required=True)
