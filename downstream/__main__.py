@@ -4,6 +4,7 @@
   knn CHECKPOINT TRAIN TEST [-k 20 -T 0.07]          DINO's weighted k-NN on frozen features
   finetune CHECKPOINT TRAIN VAL --out RUN [--recipe R] [key=value ...]  supervised fine-tune, then top-1 on VAL
   zeroshot CLIP_RUN SHARDS [--retrieval CAPTION_SHARDS]  zero-shot top-1 from class names x templates
+  attention CHECKPOINT SHARDS --out X.png      last block's CLS-to-patch attention per head, overlaid
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
@@ -75,6 +76,13 @@ def _zeroshot(a: argparse.Namespace) -> int:
     if a.json:
         write_json(a.json, result.to_dict())
         print(f"json: {a.json}")
+    return 0
+
+
+def _attention(a: argparse.Namespace) -> int:
+    from downstream.attention import attention_maps
+
+    print(f"attention maps: {attention_maps(a.checkpoint, a.shards, a.out, n_images=a.images)}")
     return 0
 
 
@@ -164,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--cache-dir", default=None)
     z.add_argument("--json", default=None, help="write the result as JSON here")
     z.set_defaults(run=_zeroshot)
+
+    at = verbs.add_parser("attention", help="attention-map PNG of any backbone")
+    at.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
+    at.add_argument("shards", help="shard set to take the first images from")
+    at.add_argument("--out", required=True, help="PNG to write")
+    at.add_argument("--images", type=int, default=8)
+    at.set_defaults(run=_attention)
 
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
     actions = index.add_subparsers(dest="action", required=True)

@@ -135,3 +135,9 @@ def test_cli_finetune_refuses_clearly(digits_shards, tmp_path, capsys):
     assert main(["finetune", str(tmp_path / "missing"), str(digits_shards), str(digits_shards),
                  "--out", str(tmp_path / "ft")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_cli_attention_png(digits_shards, backbone, tmp_path):
+    out = tmp_path / "att.png"
+    assert main(["attention", str(backbone), str(digits_shards), "--out", str(out), "--images", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
