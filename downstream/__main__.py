@@ -8,6 +8,7 @@
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
+  index eval DIR QUERY_SHARDS                recall@1/5/10 and mAP of labelled queries (same label = relevant)
   query DIR (--image FILE... | --key KEY...) top-k neighbours as a table / JSON, plus a contact-sheet PNG
 
 Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
@@ -115,6 +116,17 @@ def _index_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _index_eval(a: argparse.Namespace) -> int:
+    from downstream.shard_index import evaluate_index, write_json
+
+    result = evaluate_index(a.index, a.queries, checkpoint=a.checkpoint, batch_size=a.batch_size,
+                            cache_dir=a.cache_dir)
+    print(json.dumps(result, indent=2))
+    if a.json:
+        write_json(a.json, result)
+    return 0
+
+
 def _query(a: argparse.Namespace) -> int:
     from downstream.shard_index import query_index, write_json
 
@@ -200,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = actions.add_parser("info", help="print what an index holds")
     i.add_argument("index")
     i.set_defaults(run=_index_info)
+    ev = actions.add_parser("eval", help="recall@k and mAP of a labelled query shard set")
+    ev.add_argument("index")
+    ev.add_argument("queries", help="labelled shard set whose samples query the index")
+    ev.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(run=_index_eval)
 
     q = verbs.add_parser("query", help="nearest neighbours of images or indexed keys")
     q.add_argument("index")

@@ -183,6 +183,39 @@ def add_to_index(
     return index
 
 
+def evaluate_index(
+    index_dir: str | os.PathLike,
+    queries: str,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    checkpoint: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Label retrieval quality of a labelled query shard set against the index (same label = relevant):
+    recall@k for each k and mAP@max(k) normalised by min(k, relevant items in the index)."""
+    from downstream.retrieval import mean_average_precision, recall_at_k
+
+    index, model = _open_for(index_dir, checkpoint)
+    feats = extract_features(model, queries, pooling=index.info["pooling"], batch_size=batch_size,
+                             cache_dir=cache_dir, require_labels=True)
+    k = max(ks)
+    _, ids = index.search(feats.feats.numpy(), k)
+    labels = index.labels()
+    retrieved = np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
+    q = feats.labels.numpy()
+    per_label = np.bincount(labels[labels >= 0], minlength=int(q.max()) + 1)
+    num_relevant = per_label[q] if len(per_label) > q.max() else None
+    return {
+        "queries": len(q),
+        "indexed": len(index),
+        "recall": {f"@{kk}": v for kk, v in recall_at_k(q, retrieved, ks).items()},
+        f"map@{k}": mean_average_precision(q, retrieved, k=k, num_relevant=num_relevant),
+        "factory": index.info.get("factory"),
+        "pooling": index.info.get("pooling"),
+    }
+
+
 def index_summary(index_dir: str | os.PathLike) -> dict:
     index = RetrievalIndex.load(index_dir)
     labels = index.labels()

@@ -12,7 +12,7 @@ import torch
 from downstream.__main__ import main
 from downstream.features import extract_features
 from downstream.retrieval import RetrievalError, RetrievalIndex
-from downstream.shard_index import add_to_index, build_index, index_summary, query_index
+from downstream.shard_index import add_to_index, build_index, evaluate_index, index_summary, query_index
 from pretrain.backbone import create_backbone, export_backbone
 from pretrain.recipe import ModelConfig
 from pretrain.restore import load_backbone_from
@@ -141,3 +141,23 @@ def test_cli_attention_png(digits_shards, backbone, tmp_path):
     out = tmp_path / "att.png"
     assert main(["attention", str(backbone), str(digits_shards), "--out", str(out), "--images", "2"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_index_eval_against_brute_force(digits_shards, backbone, tmp_path, capsys):
+    train = f"{digits_shards}/shard-{{000000..000002}}.tar"
+    test = f"{digits_shards}/shard-000003.tar"
+    build_index(backbone, train, tmp_path / "index")
+    result = evaluate_index(tmp_path / "index", test)
+    model = load_backbone_from(backbone)
+    a, b = extract_features(model, train), extract_features(model, test)
+    sims = torch.nn.functional.normalize(b.feats, dim=1) @ torch.nn.functional.normalize(a.feats, dim=1).T
+    top = a.labels[sims.topk(10, dim=1).indices]
+    hits = top == b.labels[:, None]
+    assert result["queries"] == 449 and result["indexed"] == 1348
+    for k in (1, 5, 10):
+        assert result["recall"][f"@{k}"] == pytest.approx(float(hits[:, :k].any(1).float().mean()))
+    prec = hits.float().cumsum(1) / torch.arange(1, 11)
+    n_rel = torch.bincount(a.labels, minlength=10)[b.labels].clamp(max=10).float()
+    assert result["map@10"] == pytest.approx(float(((prec * hits).sum(1) / n_rel).mean()), abs=1e-6)
+    assert main(["index", "eval", str(tmp_path / "index"), test]) == 0
+    assert '"map@10"' in capsys.readouterr().out
