@@ -34,11 +34,26 @@ def _launcher_requested_processes() -> int | None:
         return None
     if not any(a.endswith("accelerate") or a == "launch" for a in argv[:3]):
         return None
+    config_file = None
     for i, a in enumerate(argv):
         m = re.fullmatch(r"--num[_-]processes(?:=(\d+))?", a)
         if m:
             value = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
             return int(value) if value.isdigit() else None
+        m = re.fullmatch(r"--config[_-]file(?:=(.+))?", a)
+        if m:
+            config_file = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else None)
+    # A config file's num_processes counts too: `distributed_type: MULTI_CPU` there also starts only one.
+    if config_file:
+        import yaml
+
+        path = os.path.join(os.readlink(f"/proc/{os.getppid()}/cwd"), config_file)
+        try:
+            with open(path) as f:
+                value = (yaml.safe_load(f) or {}).get("num_processes")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None
+        return int(value) if isinstance(value, int) else None
     return None
 
 
@@ -54,7 +69,9 @@ def check_world(num_processes: int) -> None:
     if env_world is None and requested is not None and requested > 1 and num_processes == 1:
         raise LaunchError(
             f"`accelerate launch` was asked for {requested} processes but started one (accelerate ignores "
-            f"--num_processes together with --cpu). Launch with:\n{WORKING_COMMANDS}"
+            f"--num_processes together with --cpu, and a config file's `distributed_type: MULTI_CPU` without an "
+            f"MPI hostfile). Launch with:\n{WORKING_COMMANDS}\n  accelerate launch --config_file "
+            f"recipes/launch/cpu_2proc.yaml -m pretrain RECIPE.yaml"
         )
 
 

@@ -352,6 +352,7 @@ class RunConfig:
     progress: bool = True
     visualize: bool = True  # objective PNG (MAE reconstructions, ...) at the end of the run
     cpu: bool = False  # force CPU even where a GPU is present
+    compile: bool = False  # torch.compile the objective (in place: checkpoint keys unchanged); CPU needs a C++ compiler
 
     def validate(self) -> None:
         _check(self.epochs >= 1, f"run.epochs={self.epochs}: must be >= 1")

@@ -33,7 +33,7 @@ from pretrain.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from pretrain.launch import make_accelerator
+from pretrain.launch import LaunchError, make_accelerator
 from pretrain.objectives import build_objective
 from pretrain.recipe import Recipe, save_recipe
 from shards.atomic import write_text_atomic
@@ -64,6 +64,19 @@ class TrainResult:
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule used by MAE, DINO and most ViT recipes: lr = base_lr * global_batch / 256."""
     return base_lr * global_batch / 256
+
+
+def _check_compile_possible(device: torch.device) -> None:
+    """run.compile on the CPU: inductor builds C++ kernels; say so at start instead of deep in the first step."""
+    import shutil
+
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            raise LaunchError(
+                f"run.compile=true on the CPU needs a C++ compiler, and {cxx!r} is not on PATH (set CXX, install "
+                "g++), or use run.compile=false"
+            )
 
 
 def cosine_value(start: float, end: float, step: int, total: int) -> float:
@@ -191,6 +204,10 @@ class Trainer:
             warmup_prefix=True,
             t_in_epochs=False,
         )
+        if r.compile:
+            _check_compile_possible(acc.device)
+            # In place (nn.Module.compile): parameter names, checkpoints and the exported backbone stay the same.
+            self.objective.compile()
         self.model, self.optimizer = acc.prepare(self.objective, self.optimizer)
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None

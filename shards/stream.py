@@ -34,7 +34,8 @@ order and augmented tensors) when world size, num_workers, batch size and seed a
 skipped part of the epoch held no bad samples.
 
 The tar reader is a small streaming parser (ustar, GNU long names, pax, gzip by ``.gz``/``.tgz``
-suffix) over `webdataset.gopen` streams, so local paths, ``http(s)://`` and ``pipe:`` URLs work; it
+suffix) over `webdataset.gopen` streams (``http(s)://`` through urllib with retries and back-off), so local
+paths, ``http(s)://`` and ``pipe:`` URLs work; a URL that cannot be read raises `StreamError` naming it; it
 is ~10x faster than `tarfile` on small samples (see bench/shards_stream.py).
 """
 
@@ -45,6 +46,7 @@ import collections
 import glob
 import gzip
 import hashlib
+import http.client
 import io
 import itertools
 import os
@@ -52,6 +54,9 @@ import random
 import re
 import struct
 import tarfile
+import time
+import urllib.error
+import urllib.request
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -255,9 +260,64 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]
         yield key, files
 
 
+# HTTP(S) shards: attempts and the first back-off delay (doubling) for transient failures: refused or reset
+# connections, timeouts, 408/429/5xx. Other 4xx (a missing shard) fail at once.
+HTTP_ATTEMPTS, HTTP_BACKOFF_S, HTTP_TIMEOUT_S = 5, 0.5, 60.0
+_HTTP_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class _HTTPStream(io.RawIOBase):
+    """A streamed HTTP response whose failures are `OSError`s naming the URL (`http.client` raises
+    `IncompleteRead`, not an OSError, when a connection drops mid-body)."""
+
+    def __init__(self, response, url: str) -> None:
+        self._response, self.url = response, url
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._response.read(n if n is not None and n >= 0 else None)
+        except (http.client.HTTPException, OSError) as e:
+            raise OSError(f"{self.url}: connection failed mid-read ({type(e).__name__}: {e})") from e
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._response.close()
+        super().close()
+
+
+def _open_http(url: str) -> BinaryIO:
+    """GET `url` as a stream, retrying transient failures with exponential back-off; `StreamError` naming the
+    URL when it cannot be had (retries exhausted, or a 4xx such as 404)."""
+    last = ""
+    for attempt in range(HTTP_ATTEMPTS):
+        if attempt:
+            time.sleep(HTTP_BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            return io.BufferedReader(_HTTPStream(response, url), buffer_size=1 << 20)  # full-size reads
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code} {e.reason}"
+            if e.code not in _HTTP_RETRY_STATUS:
+                raise StreamError(f"cannot read shard {url}: {last}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    raise StreamError(f"cannot read shard {url}: {last} (after {HTTP_ATTEMPTS} attempts)")
+
+
 def open_shard(url: str) -> BinaryIO:
-    """Open a shard for reading with `webdataset.gopen` (paths, file://, http(s)://, pipe:, ...)."""
-    stream = gopen(url, "rb")
+    """Open a shard for reading: http(s):// with retries (`_open_http`), anything else (paths, file://,
+    pipe:, ...) with `webdataset.gopen`."""
+    if url.startswith(("http://", "https://")):
+        stream = _open_http(url)
+    else:
+        stream = gopen(url, "rb")
     return gzip.GzipFile(fileobj=stream) if url.endswith((".gz", ".tgz")) else stream
 
 
@@ -285,6 +345,10 @@ def count_tar_samples(url: str) -> int:
                 for _ in iter_tar_samples(stream):
                     n += 1
         except (tarfile.ReadError, OSError, EOFError) as e:
+            if n == 0 and _is_url(url) and not isinstance(e, tarfile.ReadError):
+                # A URL that delivers nothing (a failed `pipe:` command, a dead server) is an error, not an
+                # empty shard to skip quietly.
+                raise StreamError(f"cannot read shard {url}: {e}") from e
             warnings.warn(
                 f"{url}: unreadable after {n} samples ({e}); counting {n}", StreamWarning, stacklevel=2
             )
