@@ -433,7 +433,8 @@ class Trainer:
                             "epoch": epoch,
                             "loss": final_loss,
                             "lr": lr,
-                            "grad_norm": grad_norm,
+                            # measured only when clipping; NaN would make metrics.jsonl invalid JSON
+                            **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),
                             "samples_per_s": rate,
                             "nonfinite_total": self.state.nonfinite_total,
                             **{k: float(v) for k, v in metrics.items() if k != "loss"},
