@@ -55,6 +55,29 @@ def eval_transform(
     )
 
 
+def crop_transform(
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    crop_scale: Sequence[float] = (0.2, 1.0),
+    hflip: bool = True,
+) -> v2.Compose:
+    """The training view of MAE, CLIP and fine-tuning: PIL image (any mode) -> right channel count ->
+    RandomResizedCrop (bicubic) to img_size -> optional horizontal flip -> float in [0, 1] -> Normalize."""
+    steps: list = [
+        v2.Grayscale(1) if in_chans == 1 else v2.RGB(),
+        v2.ToImage(),
+        v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of the normalisation, clamped to [0, 1] for display; x is (..., C, H, W)."""
     m = torch.tensor(list(mean), device=x.device, dtype=x.dtype).view(-1, 1, 1)

@@ -37,13 +37,12 @@ from open_clip.model import CLIPTextCfg, _build_text_tower
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torchvision.transforms import InterpolationMode, v2
 
 from pretrain.backbone import create_backbone
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import CLIPConfig, RecipeError
-from pretrain.transforms import normalize_stats
+from pretrain.transforms import crop_transform, normalize_stats
 from shards.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -175,18 +174,8 @@ class CLIP(Objective):
     def train_transform(self) -> Callable[[Any], torch.Tensor]:
         """PIL image -> normalised float tensor (C, H, W): random resized crop (CLIP used a plain random square
         crop; `crop_scale` [1, 1] gives that), optional flip."""
-        steps: list[Callable] = [
-            v2.Grayscale(1) if self.in_chans == 1 else v2.RGB(),
-            v2.ToImage(),
-            v2.RandomResizedCrop(
-                self.img_size, scale=tuple(self.cfg.crop_scale), interpolation=InterpolationMode.BICUBIC,
-                antialias=True,
-            ),
-        ]
-        if self.cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
-        return v2.Compose(steps)
+        return crop_transform(self.img_size, self.in_chans, self.mean, self.std, crop_scale=self.cfg.crop_scale,
+                              hflip=self.cfg.hflip)
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._images(batch)

@@ -19,13 +19,12 @@ import torch
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from torchvision.transforms import InterpolationMode, v2
 
 from pretrain.backbone import create_backbone, forward_masked, forward_visible, sincos_2d_pos_embed
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import MAEConfig
-from pretrain.transforms import normalize_stats
+from pretrain.transforms import crop_transform, normalize_stats
 from shards.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -179,18 +178,8 @@ class MAE(Objective):
 
     def train_transform(self) -> Callable[[Any], torch.Tensor]:
         """PIL image (any mode) -> normalised float tensor (C, H, W) at the backbone's img_size."""
-        steps: list[Callable] = [
-            v2.Grayscale(1) if self.in_chans == 1 else v2.RGB(),
-            v2.ToImage(),
-            v2.RandomResizedCrop(
-                self.img_size, scale=tuple(self.cfg.crop_scale), interpolation=InterpolationMode.BICUBIC,
-                antialias=True,
-            ),
-        ]
-        if self.cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
-        return v2.Compose(steps)
+        return crop_transform(self.img_size, self.in_chans, self.mean, self.std, crop_scale=self.cfg.crop_scale,
+                              hflip=self.cfg.hflip)
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         images = self._images(batch)
