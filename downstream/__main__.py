@@ -9,7 +9,7 @@
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
   index eval DIR QUERY_SHARDS                recall@1/5/10 and mAP of labelled queries (same label = relevant)
-  query DIR (--image FILE... | --key KEY...) top-k neighbours as a table / JSON, plus a contact-sheet PNG
+  query DIR (--image FILE... | --key KEY... | --text T...) top-k neighbours as a table / JSON, plus a contact-sheet PNG
 
 Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
 """
@@ -92,7 +92,7 @@ def _index_build(a: argparse.Namespace) -> int:
 
     build_index(a.checkpoint, a.shards, a.out, pooling=a.pooling, factory=a.factory, exact_below=a.exact_below,
                 batch_size=a.batch_size, num_workers=a.num_workers, cache_dir=a.cache_dir,
-                thumbnails=not a.no_thumbnails)
+                thumbnails=not a.no_thumbnails, space=a.space)
     info = index_summary(a.out)
     print(f"indexed {info['count']} samples ({info['dim']}-d, {info['factory']}, pooling {info['pooling']}) -> {a.out}")
     return 0
@@ -130,7 +130,8 @@ def _index_eval(a: argparse.Namespace) -> int:
 def _query(a: argparse.Namespace) -> int:
     from downstream.shard_index import query_index, write_json
 
-    result = query_index(a.index, images=a.image or (), keys=a.key or (), k=a.k, checkpoint=a.checkpoint,
+    result = query_index(a.index, images=a.image or (), keys=a.key or (), texts=a.text or (), k=a.k,
+                         checkpoint=a.checkpoint,
                          sheet=a.sheet)
     if a.json:
         write_json(a.json, result.to_dict())
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pooling", default="cls", help="cls, mean or lastN")
     b.add_argument("--factory", default=None, help="any FAISS factory string, e.g. IVF256,Flat or HNSW32")
     b.add_argument("--exact-below", type=int, default=100_000, help="exact search below this many vectors")
+    b.add_argument("--space", choices=("backbone", "clip"), default="backbone",
+                   help="clip: a CLIP run's joint image-text embeddings, so text queries work")
     _common_embed(b)
     b.set_defaults(run=_index_build)
     ad = actions.add_parser("add", help="embed more shards with the index's backbone and append them")
@@ -225,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("index")
     q.add_argument("--image", nargs="+", help="query image file(s)")
     q.add_argument("--key", nargs="+", help="key(s) of indexed samples (they never find themselves)")
+    q.add_argument("--text", nargs="+", help="text(s), for an index built with --space clip")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
     q.add_argument("--sheet", default=None, help="write a contact-sheet PNG here")

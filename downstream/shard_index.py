@@ -8,6 +8,7 @@ and a thumbnail straight from the tars, and checks that every later query or add
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -114,11 +115,46 @@ def metadata_rows(source: str, keys: Sequence[str], *, thumbnails: bool = True) 
     return [found[k] for k in keys]
 
 
-def _embed_source(model, source: str, pooling: str, cache_dir, batch_size: int, num_workers: int):
-    fp = fingerprint(model)
-    feats = extract_features(model, source, pooling=pooling, batch_size=batch_size, num_workers=num_workers,
-                             fingerprint=fp, cache_dir=cache_dir)
-    return fp, feats
+class Embedder:
+    """What turns images (and, for CLIP, texts) into the index's vectors.
+
+    `space="backbone"`: the backbone's pooled features. `space="clip"`: a CLIP run's joint image-text space
+    (pooled features through its image head), the only space where a text query means something.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, pooling: str = "cls", space: str = "backbone"):
+        if space not in ("backbone", "clip"):
+            raise ValueError(f"space={space!r}: use backbone or clip")
+        self.space, self.clip = space, None
+        if space == "clip":
+            from downstream.zeroshot import load_clip
+
+            self.clip = load_clip(checkpoint)
+            self.model, self.pooling = self.clip.backbone.eval(), self.clip.pooling
+            head = hashlib.sha256()
+            for name, t in sorted(self.clip.image_head.state_dict().items()):
+                head.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+            self.fingerprint = f"{fingerprint(self.model)}-clip{head.hexdigest()[:8]}"
+        else:
+            self.model, self.pooling = load_backbone_from(checkpoint), pooling
+            self.fingerprint = fingerprint(self.model)
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.clip.embed_images(pooled) if self.clip is not None else pooled
+
+    def shards(self, source: str, cache_dir=None, batch_size: int = 256, num_workers: int = 0):
+        feats = extract_features(self.model, source, pooling=self.pooling, batch_size=batch_size,
+                                 num_workers=num_workers, fingerprint=fingerprint(self.model), cache_dir=cache_dir)
+        return self._project(feats.feats), feats
+
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self._project(torch.from_numpy(embed_images(self.model, images, self.pooling)))
+
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.clip is None:
+            raise RetrievalError("a text query needs an index built in a CLIP run's joint space "
+                                 "(`index build CLIP_RUN SHARDS --space clip`)")
+        return self.clip.embed_texts(list(texts))
 
 
 def build_index(
@@ -133,15 +169,17 @@ def build_index(
     num_workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
     thumbnails: bool = True,
+    space: str = "backbone",
 ) -> RetrievalIndex:
-    """Embed every sample of `source` with the backbone at `checkpoint` and save an index folder at `out`."""
-    model = load_backbone_from(checkpoint)
-    fp, feats = _embed_source(model, source, pooling, cache_dir, batch_size, num_workers)
+    """Embed every sample of `source` with the backbone at `checkpoint` and save an index folder at `out`.
+    `space="clip"` indexes a CLIP run's joint image-text embeddings, so text queries work too."""
+    embedder = Embedder(checkpoint, pooling, space)
+    vectors, feats = embedder.shards(source, cache_dir, batch_size, num_workers)
     rows = metadata_rows(source, feats.keys, thumbnails=thumbnails)
-    img_size, in_chans = model_geometry(model)
-    info = {"fingerprint": fp, "pooling": pooling, "checkpoint": str(checkpoint), "sources": [str(source)],
-            "img_size": img_size, "in_chans": in_chans}
-    index = RetrievalIndex.build(feats.feats.numpy(), rows, info=info, factory=factory, exact_below=exact_below)
+    img_size, in_chans = model_geometry(embedder.model)
+    info = {"fingerprint": embedder.fingerprint, "pooling": embedder.pooling, "space": space,
+            "checkpoint": str(checkpoint), "sources": [str(source)], "img_size": img_size, "in_chans": in_chans}
+    index = RetrievalIndex.build(vectors.numpy(), rows, info=info, factory=factory, exact_below=exact_below)
     index.save(out)
     return index
 
@@ -153,15 +191,15 @@ def _open_for(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None
     path = checkpoint or index.info.get("checkpoint")
     if not path:
         raise RetrievalError(f"{index_dir} records no checkpoint; pass --checkpoint")
-    model = load_backbone_from(path)
-    fp = fingerprint(model)
+    embedder = Embedder(path, index.info["pooling"], index.info.get("space", "backbone"))
+    fp = embedder.fingerprint
     if fp != index.info.get("fingerprint"):
         raise RetrievalError(
             f"checkpoint {path} (fingerprint {fp}) is not the one the index at {index_dir} was built with "
             f"(fingerprint {index.info.get('fingerprint')}, {index.info.get('checkpoint')}): its embeddings would "
             "not be comparable; rebuild the index with this checkpoint or query with the original one"
         )
-    return index, model
+    return index, embedder
 
 
 def add_to_index(
@@ -175,9 +213,9 @@ def add_to_index(
     thumbnails: bool = True,
 ) -> RetrievalIndex:
     """Embed `source` with the index's backbone and append it; the folder is rewritten atomically."""
-    index, model = _open_for(index_dir, checkpoint)
-    _, feats = _embed_source(model, source, index.info["pooling"], cache_dir, batch_size, num_workers)
-    index.add(feats.feats.numpy(), metadata_rows(source, feats.keys, thumbnails=thumbnails))
+    index, embedder = _open_for(index_dir, checkpoint)
+    vectors, feats = embedder.shards(source, cache_dir, batch_size, num_workers)
+    index.add(vectors.numpy(), metadata_rows(source, feats.keys, thumbnails=thumbnails))
     index.info["sources"] = [*index.info.get("sources", []), str(source)]
     index.save(index_dir)
     return index
@@ -196,11 +234,12 @@ def evaluate_index(
     recall@k for each k and mAP@max(k) normalised by min(k, relevant items in the index)."""
     from downstream.retrieval import mean_average_precision, recall_at_k
 
-    index, model = _open_for(index_dir, checkpoint)
-    feats = extract_features(model, queries, pooling=index.info["pooling"], batch_size=batch_size,
-                             cache_dir=cache_dir, require_labels=True)
+    index, embedder = _open_for(index_dir, checkpoint)
+    vectors, feats = embedder.shards(queries, cache_dir, batch_size)
+    if bool((feats.labels < 0).any()):
+        raise FeatureError(f"{queries} has samples without labels (.cls): evaluation needs labelled queries")
     k = max(ks)
-    _, ids = index.search(feats.feats.numpy(), k)
+    _, ids = index.search(vectors.numpy(), k)
     labels = index.labels()
     retrieved = np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
     q = feats.labels.numpy()
@@ -254,22 +293,24 @@ def query_index(
     *,
     images: Sequence[str | os.PathLike] = (),
     keys: Sequence[str] = (),
+    texts: Sequence[str] = (),
     k: int = 10,
     checkpoint: str | os.PathLike | None = None,
     sheet: str | os.PathLike | None = None,
 ) -> QueryResult:
-    """Top-k neighbours of image files and/or indexed keys (a key never finds itself); optional contact sheet."""
-    if not images and not keys:
-        raise ValueError("nothing to query: give image files and/or keys of indexed samples")
-    if images:
-        index, model = _open_for(index_dir, checkpoint)
+    """Top-k neighbours of image files, indexed keys (a key never finds itself) and/or texts (an index in a
+    CLIP run's joint space); optional contact sheet."""
+    if not images and not keys and not texts:
+        raise ValueError("nothing to query: give image files, keys of indexed samples or texts")
+    if images or texts:
+        index, embedder = _open_for(index_dir, checkpoint)
     else:
         index = RetrievalIndex.load(index_dir)
     queries: list[str] = []
     score_rows, id_rows, query_pictures = [], [], []
     if images:
         pictures = _load_images(images)
-        s, i = index.search(embed_images(model, pictures, index.info["pooling"]), k)
+        s, i = index.search(embedder.images(pictures).numpy(), k)
         score_rows.append(s)
         id_rows.append(i)
         queries += [str(p) for p in images]
@@ -283,6 +324,12 @@ def query_index(
         id_rows.append(i)
         queries += [str(key) for key in keys]
         query_pictures += [r["thumbnail"] for r in index.rows_for([index.lookup_key(key) for key in keys])]
+    if texts:
+        s, i = index.search(embedder.texts(texts).numpy(), k)
+        score_rows.append(s)
+        id_rows.append(i)
+        queries += [str(t) for t in texts]
+        query_pictures += [None] * len(texts)
     scores, ids = np.concatenate(score_rows), np.concatenate(id_rows)
     rows = index.rows_for(ids)
     hits, drawn = [], []
@@ -297,7 +344,8 @@ def query_index(
                        "label": row["label"], "thumbnail": row["thumbnail"]} for _, s, _, row in found])
     sheet_path = None
     if sheet is not None:
-        titles = [Path(q).name if i < len(images) else f"key {q}" for i, q in enumerate(queries)]
+        kinds = ["image"] * len(images) + ["key"] * len(keys) + ["text"] * len(texts)
+        titles = [Path(q).name if kind == "image" else f"{kind}: {q}" for kind, q in zip(kinds, queries)]
         sheet_path = str(contact_sheet_png(query_pictures, drawn, sheet, titles))
     return QueryResult(queries, hits, sheet_path, {k: index.info.get(k) for k in ("fingerprint", "pooling", "count")})
 

@@ -412,3 +412,21 @@ def test_fmnist_recipe_fits_its_captions_and_builds():
     # Every caption fits the context: the end token is never cut off.
     captions = [t.format(c) for t in model.templates for c in model.class_names]
     assert bool((model.tokenize(captions) == 49407).any(dim=1).all())
+
+
+def test_text_query_on_an_index_in_clip_space(toy_clip_run, tmp_path, no_network):
+    """Index the toy squares in the CLIP run's joint space; a text query finds the squares it describes."""
+    from downstream.retrieval import RetrievalError
+    from downstream.shard_index import build_index, query_index
+
+    run, val, _ = toy_clip_run
+    build_index(run, str(val), tmp_path / "index", space="clip")
+    result = query_index(tmp_path / "index", texts=["a white square", "a striped square"], k=10,
+                         sheet=tmp_path / "sheet.png")
+    assert [h["label_name"] for h in result.hits[0]] == ["white"] * 10
+    assert [h["label_name"] for h in result.hits[1]] == ["striped"] * 10
+    assert all(a["score"] >= b["score"] for a, b in zip(result.hits[0], result.hits[0][1:]))
+    assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
+    build_index(run, str(val), tmp_path / "plain")  # backbone space: text has no meaning there
+    with pytest.raises(RetrievalError, match="--space clip"):
+        query_index(tmp_path / "plain", texts=["a white square"])
