@@ -171,7 +171,7 @@ def test_nonfinite_streak_reloads_last_good_checkpoint_and_stops(digits_shards, 
 
 def test_world_size_mismatch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(LaunchError, match="torchrun --nproc_per_node"):
+    with pytest.raises(LaunchError, match="torchrun --standalone --nproc_per_node"):
         check_world(1)
     check_world(2)
 
