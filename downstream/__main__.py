@@ -238,7 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positional overrides after options ("... --out ft run.epochs=5"): collect them here
+    dotted = [x for x in extra if "=" in x and not x.startswith("-")]
+    if extra != dotted or (dotted and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if dotted:
+        args.overrides = [*args.overrides, *dotted]
     try:
         return args.run(args)
     except USER_ERRORS as e:

@@ -327,3 +327,25 @@ def test_finetune_on_two_processes_agrees_with_one(digits_shards, small_val, tmp
     single = evaluate(out, str(small_val))
     assert single.confusion_matrix == ranks[0]["confusion_matrix"]
     assert single.top1 == pytest.approx(ranks[0]["top1"])
+
+
+def test_cli_takes_overrides_before_or_after_options(tmp_path, monkeypatch, capsys):
+    """`finetune RUN TRAIN VAL --out X run.epochs=5` and `... run.epochs=5 --out X` both reach the recipe."""
+    from types import SimpleNamespace
+
+    import downstream.finetune as ft_module
+    from downstream.__main__ import main
+
+    seen = []
+
+    def record(*args, overrides=(), **kwargs):  # stands in for the training run: only the parsing is under test
+        seen.append(list(overrides))
+        return SimpleNamespace(top1=0.5, top5=None, num_train=1, num_test=1)
+
+    monkeypatch.setattr(ft_module, "finetune", record)
+    assert main(["finetune", "c", "t", "v", "--out", str(tmp_path), "run.epochs=5", "optim.base_lr=1e-3"]) == 0
+    assert main(["finetune", "c", "t", "v", "run.epochs=5", "--out", str(tmp_path), "optim.base_lr=1e-3"]) == 0
+    assert seen == [["run.epochs=5", "optim.base_lr=1e-3"]] * 2
+    with pytest.raises(SystemExit):
+        main(["knn", "c", "t", "v", "run.epochs=5"])  # a verb without overrides refuses them
+    assert "unrecognized arguments" in capsys.readouterr().err
