@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from downstream.features import check_compatible
-from downstream.probe import ProbeResult, classification_metrics
+from downstream.probe import ProbeResult, result_from_scores
 from pretrain.backbone import backbone_config
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_model_state, read_trainer_state
 from pretrain.objectives import build_objective
@@ -157,11 +157,12 @@ def finetune(
         autocast=trainer.accelerator.autocast(),
     )
     classes = manifest_classes(val) or manifest_classes(train) or []
-    result = _result(
+    result = result_from_scores(
+        "finetune",
         scores,
         labels,
-        objective.num_classes,
-        classes,
+        num_classes=objective.num_classes,
+        classes=classes,
         num_train=trainer.stream.total,
         seconds=time.monotonic() - t0 + train_result.wall_seconds,
         settings={
@@ -185,23 +186,6 @@ def finetune(
     if trainer.is_main:
         result.save(r.run.out_dir, RESULT_NAME)
     return result
-
-
-def _result(scores, labels, num_classes, classes, *, num_train: int, seconds: float, settings: dict) -> ProbeResult:
-    m = classification_metrics(scores, labels, num_classes)
-    return ProbeResult(
-        protocol="finetune",
-        top1=m["top1"],
-        top5=m["top5"],
-        num_classes=num_classes,
-        num_train=num_train,
-        num_test=len(labels),
-        per_class_accuracy=m["per_class_accuracy"],
-        confusion_matrix=m["confusion_matrix"].tolist(),
-        settings=settings,
-        classes=list(classes),
-        seconds=seconds,
-    )
 
 
 @torch.no_grad()
@@ -289,7 +273,7 @@ def evaluate(path: str | Path, val: str, *, batch_size: int = 256, num_workers: 
     objective = load_finetuned(path)
     t0 = time.monotonic()
     scores, labels = predict(objective, val, batch_size=batch_size, num_workers=num_workers)
-    return _result(
-        scores, labels, objective.num_classes, manifest_classes(val) or [], num_train=0,
+    return result_from_scores(
+        "finetune", scores, labels, num_classes=objective.num_classes, classes=manifest_classes(val), num_train=0,
         seconds=time.monotonic() - t0, settings={"run_dir": str(path), "img_size": objective.img_size[0]},
     )

@@ -332,10 +332,11 @@ class ProbeResult:
         return paths
 
 
-def _result(
+def result_from_scores(
     protocol: str, scores: torch.Tensor, test_y: torch.Tensor, *, num_classes: int, num_train: int,
-    classes: Sequence[str] | None, started: float, classifier: nn.Module | None = None, **extra,
+    classes: Sequence[str] | None, seconds: float, classifier: nn.Module | None = None, **extra,
 ) -> ProbeResult:  # fmt: skip
+    """Metrics of class scores against labels, as the ProbeResult every protocol (and fine-tuning) reports."""
     metrics = classification_metrics(scores, test_y, num_classes)
     names = list(classes or [])
     if names and len(names) != num_classes:
@@ -350,7 +351,7 @@ def _result(
         per_class_accuracy=metrics["per_class_accuracy"],
         confusion_matrix=metrics["confusion_matrix"].tolist(),
         classes=names,
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(seconds, 3),
         classifier=classifier,
         **extra,
     )
@@ -411,9 +412,10 @@ def linear_probe_mae(
     _fit(model, train_x, train_y, opt, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
          generator=generator)
     classifier = model.classifier()
-    return _result(
+    return result_from_scores(
         f"mae-{optimizer}", _predict(classifier, test_x), test_y,
-        num_classes=num_classes, num_train=len(train_x), classes=classes, started=started, classifier=classifier,
+        num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
+        classifier=classifier,
         settings={"lr": lr, "base_lr": base_lr if scaled else None, "epochs": epochs,
                   "warmup_epochs": warmup_epochs, "batch_size": batch_size, "optimizer": optimizer,
                   "momentum": momentum, "weight_decay": weight_decay, "seed": seed},
@@ -493,9 +495,10 @@ def linear_probe_dino(
         batch, lr = sweep_batch, lrs[best]
         classifier = sweep_model.classifier(best)
         selection = f"{where}, the sweep's probe kept"
-    return _result(
+    return result_from_scores(
         "dino", _predict(classifier, test_x), test_y,
-        num_classes=num_classes, num_train=len(train_x), classes=classes, started=started, classifier=classifier,
+        num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
+        classifier=classifier,
         settings={"lr": lr, "base_lr": base_lrs[best], "epochs": epochs, "batch_size": batch,
                   "held_out_fraction": held_out_fraction, "refit": refit, "seed": seed},
         sweep=sweep, selection=selection,
@@ -580,9 +583,9 @@ def knn_classify(
     )
     scores = knn_scores(train_x, train_y, test_x, num_classes=num_classes, k=k, temperature=temperature,
                         query_batch=query_batch, use_gpu=use_gpu)
-    return _result(
+    return result_from_scores(
         "knn", scores, test_y,
-        num_classes=num_classes, num_train=len(train_x), classes=classes, started=started,
+        num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
         settings={"k": min(k, len(train_x)), "temperature": temperature, "metric": "cosine",
                   "index": "faiss.IndexFlatIP"},
         selection="none: fixed k and temperature",
