@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -36,8 +34,6 @@ from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
 from shards.sources import RawSample, SampleSource
 from shards.writer import write_shard_set
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "objective.name=clip",
@@ -251,12 +247,7 @@ def test_two_gloo_processes_gather_the_global_batch_and_stay_in_sync(digits_shar
     out.mkdir()
     overrides = [*TINY, f"data.train={digits_shards}", f"run.out_dir={out}", "objective.clip.captions=classes",
                  "data.batch_size=8", "run.max_steps=3"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "clip_two_rank.py"), str(out), *overrides]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    p = torchrun_two_cpu(ROOT / "tests" / "clip_two_rank.py", str(out), *overrides, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["global_batch"] == 16

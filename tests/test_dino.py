@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -35,7 +32,6 @@ from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
 from shards.stream import ShardStream
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 TINY = [
@@ -147,12 +143,7 @@ def test_centre_update_formula():
 
 
 def test_centre_is_averaged_across_two_real_processes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dino_two_rank.py"), str(tmp_path), *TINY]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = torchrun_two_cpu(ROOT / "tests" / "dino_two_rank.py", str(tmp_path), *TINY, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["count"] for r in ranks] == [6, 10]
@@ -418,14 +409,10 @@ def test_two_cpu_processes_train_dino_in_sync(digits_shards, tmp_path):
     """torchrun, 2 processes, gloo, the real trainer: student *and teacher* stay identical on both ranks."""
     out = tmp_path / "run"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "two_rank_train.py"), str(out), *TINY, f"data.train={digits_shards}",
-           f"run.out_dir={out}", "run.max_steps=4", "data.batch_size=16", "data.num_workers=0",
-           "run.progress=false", "run.trackers=[jsonl]", "run.visualize=false", "optim.clip_grad=3.0"]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    p = torchrun_two_cpu(ROOT / "tests" / "two_rank_train.py", str(out), *TINY, f"data.train={digits_shards}",
+                         f"run.out_dir={out}", "run.max_steps=4", "data.batch_size=16", "data.num_workers=0",
+                         "run.progress=false", "run.trackers=[jsonl]", "run.visualize=false", "optim.clip_grad=3.0",
+                         timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

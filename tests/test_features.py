@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_two_cpu
 from safetensors.torch import load_file
 
 import downstream.features as features
@@ -22,7 +20,6 @@ from pretrain.transforms import eval_transform
 from shards.sources import DIGIT_NAMES, RawSample, digits_source
 from shards.writer import write_shard_set
 
-ROOT = Path(__file__).resolve().parents[1]
 N_DIGITS = 1797
 
 
@@ -266,13 +263,7 @@ def test_two_process_gloo_run_embeds_every_sample_once_in_order(digits_shards, t
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("WORLD_SIZE", None)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "export"), str(digits_shards), str(out)]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    p = torchrun_two_cpu(script, str(tmp_path / "export"), str(digits_shards), str(out), timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
 
     single = extract_features(model, digits_shards, pooling="last2", batch_size=64)

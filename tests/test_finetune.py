@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
@@ -26,8 +27,6 @@ from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
 from shards.sources import RawSample, digits_source
 from shards.writer import write_shard_set
-
-ROOT = Path(__file__).resolve().parents[1]
 
 QUIET = ["data.batch_size=32", "data.num_workers=0", "run.progress=false", "run.trackers=[jsonl]",
          "run.log_every=1", "run.visualize=false"]
@@ -304,22 +303,14 @@ Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps(result.to_dict
 def test_finetune_on_two_processes_agrees_with_one(digits_shards, small_val, tmp_path):
     """torchrun, 2 CPU processes (gloo): DDP fine-tuning runs; both ranks report the same result over all 200 val
     samples, equal to a one-process evaluation of the same checkpoint."""
-    import os
-    import subprocess
-    import sys
 
     torch.manual_seed(0)
     pre = export_backbone(create_backbone(tiny_model()), tmp_path / "pre")
     script = tmp_path / "two_rank_finetune.py"
     script.write_text(TWO_RANK_SCRIPT)
     out = tmp_path / "ft"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(pre), str(digits_shards), str(small_val), str(out), *QUIET, "run.max_steps=3", "data.batch_size=16",
-           "optim.warmup_steps=1"]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    p = torchrun_two_cpu(script, str(pre), str(digits_shards), str(small_val), str(out), *QUIET, "run.max_steps=3",
+                         "data.batch_size=16", "optim.warmup_steps=1", timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["num_test"] == ranks[1]["num_test"] == 200

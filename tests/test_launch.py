@@ -13,7 +13,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from test_trainer import ROOT, _cli, _env  # tests/ is on sys.path (pytest rootdir-relative import)
+from helpers import ROOT, subprocess_env, tiny_overrides
 
 from pretrain.checkpoint import latest_checkpoint
 
@@ -64,8 +64,8 @@ def test_accelerate_launch_cpu_2proc_config_starts_two_processes(digits_shards, 
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"),
            "--main_process_port", str(free_port()), "-m", "pretrain", str(recipe),
-           *_cli(digits_shards, out, "run.max_steps=2", "data.batch_size=16", "run.visualize=false")]
-    p = subprocess.run(cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True,
+           *tiny_overrides(digits_shards, out, "run.max_steps=2", "data.batch_size=16", "run.visualize=false")]
+    p = subprocess.run(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
                        timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     log = p.stdout + p.stderr
@@ -86,8 +86,8 @@ def test_a_multi_cpu_config_file_that_starts_one_process_is_refused(digits_shard
     recipe.write_text("{}\n")
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(config), "-m", "pretrain", str(recipe),
-           *_cli(digits_shards, tmp_path / "run", "run.max_steps=2")]
-    p = subprocess.run(cmd, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True,
+           *tiny_overrides(digits_shards, tmp_path / "run", "run.max_steps=2")]
+    p = subprocess.run(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True, text=True,
                        timeout=240)
     assert p.returncode != 0
     assert "was asked for 2 processes but started one" in p.stderr
@@ -114,10 +114,10 @@ def test_sigterm_to_both_processes_checkpoints_and_relaunch_resumes(digits_shard
     def command() -> list[str]:
         return [str(accelerate), "launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"),
                 "--main_process_port", str(free_port()), "-m", "pretrain", str(recipe),
-                *_cli(digits_shards, out, "run.max_steps=150", "data.batch_size=16", "run.checkpoint_every_steps=25",
+                *tiny_overrides(digits_shards, out, "run.max_steps=150", "data.batch_size=16", "run.checkpoint_every_steps=25",
                       "run.visualize=false", "run.log_every=5")]
 
-    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     launcher = subprocess.Popen(command(), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     deadline = time.time() + 180

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._inductor.config
-from test_trainer import params, tiny_recipe  # tests/ is on sys.path (pytest rootdir-relative import)
+from helpers import params, tiny_recipe
 
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.launch import LaunchError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,45 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import ROOT, params, subprocess_env, tiny_overrides, tiny_recipe, torchrun_two_cpu
 
 from pretrain.backbone import data_stats
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
 from pretrain.launch import LaunchError, check_world
-from pretrain.recipe import load_recipe
 from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer, TrainingDiverged, scaled_lr
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = [
-    "model.img_size=16",
-    "model.patch_size=4",
-    "model.in_chans=1",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.mlp_ratio=2.0",
-    "model.pos_embed=sincos",
-    "objective.mae.decoder_embed_dim=32",
-    "objective.mae.decoder_depth=1",
-    "objective.mae.decoder_num_heads=2",
-    "objective.mae.mask_ratio=0.5",
-    "optim.base_lr=1e-3",
-    "data.batch_size=32",
-    "data.num_workers=0",
-    "run.progress=false",
-    "run.trackers=[jsonl]",
-    "run.log_every=1",
-]
-
-
-def tiny_recipe(shards: Path, out: Path, *extra: str):
-    return load_recipe(None, [*TINY, f"data.train={shards}", f"run.out_dir={out}", *extra])
-
-
-def params(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
 
 
 def test_lr_scaling_rule():
@@ -176,27 +143,16 @@ def test_world_size_mismatch_is_refused(monkeypatch):
     check_world(2)
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _cli(digits_shards: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, f"data.train={digits_shards}", f"run.out_dir={out}", *extra]
-
-
 def test_accelerate_cpu_num_processes_trap_is_refused(digits_shards, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: refuse instead of training alone."""
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pretrain", "-",
-           *_cli(digits_shards, tmp_path / "run", "run.max_steps=2")]
+           *tiny_overrides(digits_shards, tmp_path / "run", "run.max_steps=2")]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
     cmd[cmd.index("-")] = str(recipe)
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
+    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert p.returncode != 0
     assert "accelerate launch --multi_gpu --num_processes" in p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -207,8 +163,8 @@ def test_sigkill_mid_run_then_relaunch_finishes(digits_shards, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}\n")
     cmd = [sys.executable, "-m", "pretrain", str(recipe),
-           *_cli(digits_shards, out, "run.max_steps=400", "run.checkpoint_every_steps=5", "run.visualize=false")]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           *tiny_overrides(digits_shards, out, "run.max_steps=400", "run.checkpoint_every_steps=5", "run.visualize=false")]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list_checkpoints(out):
         time.sleep(0.2)
@@ -219,7 +175,7 @@ def test_sigkill_mid_run_then_relaunch_finishes(digits_shards, tmp_path):
     assert first is not None, "the run wrote no checkpoint before it was killed"
     step_killed = int(first.name.split("_")[1])
     assert step_killed < 400
-    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"resumed from {first}" in p.stderr + p.stdout
     assert latest_checkpoint(out).name == "step_00000400"
@@ -229,12 +185,9 @@ def test_two_cpu_processes_train_in_sync(digits_shards, tmp_path):
     """torchrun, 2 processes, gloo: parameters stay identical and the ranks see different samples."""
     out = tmp_path / "run"
     out.mkdir()
-    env = {**_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "two_rank_train.py"), str(out),
-           *_cli(digits_shards, out, "run.max_steps=6", "data.batch_size=16", "optim.accum_steps=2",
-                 "run.visualize=false")]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    p = torchrun_two_cpu(ROOT / "tests" / "two_rank_train.py", str(out),
+                         *tiny_overrides(digits_shards, out, "run.max_steps=6", "data.batch_size=16",
+                                         "optim.accum_steps=2", "run.visualize=false"), timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
