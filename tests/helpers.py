@@ -15,15 +15,20 @@ from pretrain.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A 2-block 32-d MAE on 16x16 digits: trains a step in milliseconds, so resume and launch tests stay fast.
-TINY = [
-    "model.img_size=16",
+# A 2-block 32-d ViT (image size set by each test): a step takes milliseconds, so tests stay fast.
+TINY_VIT = [
     "model.patch_size=4",
     "model.in_chans=1",
     "model.embed_dim=32",
     "model.depth=2",
     "model.num_heads=2",
     "model.mlp_ratio=2.0",
+]
+
+# The tiny MAE run on 16x16 digits that the resume and launch tests train.
+TINY = [
+    "model.img_size=16",
+    *TINY_VIT,
     "model.pos_embed=sincos",
     "objective.mae.decoder_embed_dim=32",
     "objective.mae.decoder_depth=1",

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, torchrun_two_cpu
+from helpers import ROOT, TINY_VIT, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -38,12 +38,7 @@ from shards.writer import write_shard_set
 TINY = [
     "objective.name=clip",
     "model.img_size=8",
-    "model.patch_size=4",
-    "model.in_chans=1",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.mlp_ratio=2.0",
+    *TINY_VIT,
     "objective.clip.embed_dim=32",
     "objective.clip.text_width=32",
     "objective.clip.text_heads=2",

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, torchrun_two_cpu
+from helpers import ROOT, TINY_VIT, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -37,12 +37,7 @@ RECIPES = ROOT / "recipes"
 TINY = [
     "objective.name=dino",
     "model.img_size=16",
-    "model.patch_size=4",
-    "model.in_chans=1",
-    "model.embed_dim=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "model.mlp_ratio=2.0",
+    *TINY_VIT,
     "objective.dino.out_dim=64",
     "objective.dino.hidden_dim=64",
     "objective.dino.bottleneck_dim=32",
