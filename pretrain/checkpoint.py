@@ -1,14 +1,19 @@
 """Training checkpoints: written atomically, loaded without executing pickled code.
 
 A checkpoint is a folder `OUT/checkpoints/step_00000100/` holding
-  model.safetensors      the objective's whole state (backbone, heads, teacher, ...)
+  model.safetensors      the objective's whole state (backbone, heads, teacher, ...), full tensors
   backbone_config.json   kwargs for `timm.create_model(**config)` (so the backbone is self-describing)
-  optimizer.pt           optimizer state (tensors and numbers only; loaded with weights_only=True)
+  optimizer.pt           optimizer state keyed by parameter name, full tensors (loaded with weights_only=True)
   scaler.pt              fp16 grad-scaler state (only with fp16)
   rng_rank{R}.pt / .json per-rank RNG states (torch tensors / python + numpy as JSON)
   trainer_state.json     step, epoch, stream position, counters, the recipe
 The folder is assembled under `.step_00000100.tmp` and renamed when every rank has written its part,
 so a run killed mid-save never leaves a checkpoint that looks complete.
+
+Weights and optimizer state are gathered whole (torch.distributed.checkpoint's state-dict API: FSDP shards are
+all-gathered, DDP and compile wrappers unwrapped) and the optimizer state is keyed by parameter name, not by
+position, so a checkpoint loads the same into 1 process or 64, with or without FSDP. What does depend on the
+launch (the stream position, counted per rank) is translated by `pretrain.position`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from shards.atomic import write_text_atomic
 
@@ -47,17 +59,41 @@ class TrainerState:
     wall_seconds: float = 0.0
 
 
+# Full tensors, on the CPU, on rank 0 only (other ranks get empty dicts): what one writer needs.
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper (its step() also drives the grad scaler)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Collective: the model's and optimizer's whole state, keyed by parameter name (filled on rank 0)."""
+    return (get_model_state_dict(model, options=_GATHER),
+            get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER))
+
+
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def _progress(ckpt: Path) -> tuple[int, int]:
+    """(samples seen, step): steps are counted in global batches, which a relaunch may change; samples are not."""
+    step = int(CKPT_RE.match(ckpt.name).group(1))
+    try:
+        return read_trainer_state(ckpt)[0].samples_seen, step
+    except CheckpointError:
+        return -1, step
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (by training progress)."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+    return sorted(found, key=_progress)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -100,6 +136,7 @@ def save_checkpoint(
     recipe: dict,
     backbone_config: dict,
     keep_last: int,
+    launch: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root = checkpoint_root(out_dir)
@@ -111,19 +148,20 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    model_state = accelerator.get_state_dict(model)  # collective under FSDP; unwraps DDP
+    model_state, optim_state = full_state_dicts(model, optimizer)
     tensors, plain = _rng_state()
     rank = accelerator.process_index
     torch.save(tensors, tmp / f"rng_rank{rank}.pt")
     (tmp / f"rng_rank{rank}.json").write_text(json.dumps(plain))
     if accelerator.is_main_process:
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         scaler = getattr(accelerator, "scaler", None)
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "backbone_config.json").write_text(json.dumps(backbone_config, indent=2))
-        meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe}
+        meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe,
+                "sharded": bool(getattr(accelerator, "is_fsdp2", False)), **({"launch": launch} if launch else {})}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -176,17 +214,30 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     restore_rng: bool = True,
 ) -> TrainerState:
-    """Restore model, optimizer, scaler and this rank's RNG; return the trainer state."""
+    """Restore model, optimizer, scaler and this rank's RNG; return the trainer state.
+
+    Collective under FSDP (every rank shards the full tensors it reads). The checkpoint may come from another
+    process count or from a sharded run: its tensors are whole and keyed by name."""
     ckpt = Path(ckpt)
     state, meta = read_trainer_state(ckpt)
     weights = load_model_state(ckpt)
-    missing, unexpected = accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
+    expected = set(accelerator.unwrap_model(model).state_dict())
+    missing, unexpected = expected - weights.keys(), weights.keys() - expected
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt} does not match this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     if optimizer is not None:
-        optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt"))
+        optim_state = _torch_load(ckpt / "optimizer.pt")
+        if any(isinstance(i, int) for g in optim_state.get("param_groups", []) for i in g.get("params", [])):
+            # Written before checkpoints keyed the state by name: only the same unsharded model can take it.
+            optimizer.load_state_dict(optim_state)
+        else:
+            # strict=False: a parameter that has not been stepped yet (DINO freezes its last layer at first) has no
+            # state, in the checkpoint as in a fresh optimizer.
+            set_optimizer_state_dict(model, _inner(optimizer), optim_state,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and (ckpt / "scaler.pt").is_file():
         scaler.load_state_dict(_torch_load(ckpt / "scaler.pt"))

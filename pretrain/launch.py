@@ -75,7 +75,40 @@ def check_world(num_processes: int) -> None:
         )
 
 
-def make_accelerator(*, precision: str = "no", cpu: bool = False, log_with=None, project_dir=None, **kwargs):
+# Module lists whose members are transformer blocks: timm's ViT (`blocks`) and open_clip's text tower (`resblocks`).
+_BLOCK_LISTS = ("blocks", "resblocks")
+
+
+def fsdp_units(model: torch.nn.Module) -> list[str]:
+    """Class names of the transformer blocks in `model`, each of which becomes its own FSDP unit."""
+    names = set()
+    for module in model.modules():
+        for attr in _BLOCK_LISTS:
+            blocks = getattr(module, attr, None)
+            if isinstance(blocks, torch.nn.ModuleList | torch.nn.Sequential):
+                names.update(type(b).__name__ for b in blocks)
+    if not names:
+        raise LaunchError(f"run.fsdp=true: {type(model).__name__} has no transformer blocks to shard")
+    return sorted(names)
+
+
+def fsdp_plugin():
+    """Full shard (FSDP2, resharding after forward), one unit per transformer block, whole-tensor state dicts.
+    Activation checkpointing stays timm's (`model.grad_checkpointing`), so it means the same with and without FSDP."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        activation_checkpointing=False,
+    )
+
+
+def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = False, log_with=None,
+                     project_dir=None, **kwargs):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -89,7 +122,24 @@ def make_accelerator(*, precision: str = "no", cpu: bool = False, log_with=None,
         log_with=log_with,
         project_dir=project_dir,
         kwargs_handlers=handlers,
+        fsdp_plugin=fsdp_plugin() if fsdp else None,
         **kwargs,
     )
     check_world(acc.num_processes)
+    if fsdp and not acc.is_fsdp2:
+        if acc.num_processes > 1:  # Accelerate drops the plugin on CPU processes and would train with DDP
+            raise LaunchError(
+                f"run.fsdp=true needs GPU processes: Accelerate {_accelerate_version()} applies FSDP only on GPUs, and "
+                f"these {acc.num_processes} processes run on {acc.device.type}. Use run.fsdp=false (DDP) here."
+            )
+        # One process has nothing to shard over: it trains unsharded, with the same checkpoints.
+        import logging
+
+        logging.getLogger("vitssl.launch").warning("run.fsdp=true with one process: nothing to shard, training unsharded")
     return acc
+
+
+def _accelerate_version() -> str:
+    import accelerate
+
+    return accelerate.__version__

@@ -353,6 +353,9 @@ class RunConfig:
     visualize: bool = True  # objective PNG (MAE reconstructions, ...) at the end of the run
     cpu: bool = False  # force CPU even where a GPU is present
     compile: bool = False  # torch.compile the objective (in place: checkpoint keys unchanged); CPU needs a C++ compiler
+    # Shard parameters, gradients and optimizer state over the processes (Accelerate's FSDP2 plugin, every transformer
+    # block its own unit); GPUs only. Checkpoints stay whole: they load at any process count, sharded or not.
+    fsdp: bool = False
 
     def validate(self) -> None:
         _check(self.epochs >= 1, f"run.epochs={self.epochs}: must be >= 1")
@@ -361,6 +364,8 @@ class RunConfig:
         _check(self.keep_last >= 1, "run.keep_last must be >= 1")
         _check(self.log_every >= 1, "run.log_every must be >= 1")
         _check(self.nonfinite_patience >= 1, "run.nonfinite_patience must be >= 1")
+        _check(not (self.fsdp and self.compile), "run.fsdp=true with run.compile=true is not supported yet (compile "
+               "would have to follow the sharding, which is untested here): pick one")
         for t in self.trackers:
             _one_of(t, ("tensorboard", "jsonl", "wandb", "mlflow", "comet_ml", "aim", "clearml"), "run.trackers[]")
 

@@ -11,6 +11,7 @@ counters). The trainer never branches on the objective's name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,11 +31,13 @@ from pretrain.checkpoint import (
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
+    load_model_state,
     read_trainer_state,
     save_checkpoint,
 )
-from pretrain.launch import LaunchError, make_accelerator
+from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
+from pretrain.position import Launch, launch_of, translate
 from pretrain.recipe import Recipe, save_recipe
 from shards.atomic import write_text_atomic
 from shards.stream import ShardStream
@@ -137,7 +140,7 @@ class Trainer:
         self.out_dir = Path(r.out_dir)
         trackers = [t for t in r.trackers if t != "jsonl"]
         self.accelerator = make_accelerator(
-            precision=r.precision, cpu=r.cpu, log_with=trackers or None, project_dir=str(self.out_dir)
+            precision=r.precision, cpu=r.cpu, fsdp=r.fsdp, log_with=trackers or None, project_dir=str(self.out_dir)
         )
         acc = self.accelerator
         self.is_main = acc.is_main_process
@@ -177,7 +180,8 @@ class Trainer:
             )
         self.total_steps = r.max_steps or r.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.global_batch = d.batch_size * acc.num_processes * o.accum_steps
+        self.launch = Launch(acc.num_processes, d.batch_size, o.accum_steps)
+        self.global_batch = self.launch.global_batch
         self.lr = scaled_lr(o.base_lr, self.global_batch)
         self.warmup_steps = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
 
@@ -208,6 +212,9 @@ class Trainer:
             _check_compile_possible(acc.device)
             # In place (nn.Module.compile): parameter names, checkpoints and the exported backbone stay the same.
             self.objective.compile()
+        self.sharded = bool(acc.is_fsdp2)
+        if self.sharded:  # each transformer block its own FSDP unit; the rest (embeddings, heads) in the root
+            acc.state.fsdp_plugin.transformer_cls_names_to_wrap = fsdp_units(self.objective)
         self.model, self.optimizer = acc.prepare(self.objective, self.optimizer)
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
@@ -253,6 +260,7 @@ class Trainer:
             recipe=self.recipe.to_dict(),
             backbone_config=self._backbone_config(),
             keep_last=self.recipe.run.keep_last,
+            launch=dataclasses.asdict(self.launch),
         )
         self.last_checkpoint = ckpt
         if self.is_main:
@@ -267,11 +275,18 @@ class Trainer:
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
 
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop log lines from steps the checkpoint does not contain (they will be redone)."""
+    def _truncate_metrics(self, state: TrainerState) -> None:
+        """On resume, drop log lines past the checkpoint (they will be redone). Progress is compared in samples:
+        a relaunch with another global batch numbers its steps differently."""
         if not self.is_main or not self.metrics_path.is_file():
             return
-        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+
+        def done(row: dict) -> bool:
+            if "samples_seen" in row:
+                return row["samples_seen"] <= state.samples_seen
+            return row.get("step", 0) <= state.step
+
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and done(json.loads(ln))]
         write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def _resume(self) -> None:
@@ -281,14 +296,23 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir) if r.resume == "auto" else Path(r.resume)
         if ckpt is None:
             return
-        self.state = load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
+        state = load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
         self.last_checkpoint = ckpt
-        self._truncate_metrics(self.state.step)
+        self._truncate_metrics(state)
+        old = launch_of(read_trainer_state(ckpt)[1]) or self.launch
+        self.state = translate(state, old, self.launch, self.steps_per_epoch)
         if self.is_main:
             log.info(
                 f"resumed from {ckpt}: step {self.state.step}, epoch {self.state.epoch}, "
                 f"batch {self.state.batches_done} of {self.batches_per_epoch}"
             )
+            if old != self.launch:
+                log.warning(
+                    f"the checkpoint was written by {old.describe()}; this launch is {self.launch.describe()}: "
+                    f"step {state.step} -> {self.state.step}, epoch {state.epoch} batch {state.batches_done} -> "
+                    f"epoch {self.state.epoch} batch {self.state.batches_done} (positions carried over in samples; "
+                    f"the rest of epoch {state.epoch} is re-partitioned over the new ranks, later epochs are exact)"
+                )
 
     def _fixed_batch(self) -> dict | None:
         """A few un-augmented images for pictures (the same ones at every call)."""
@@ -310,13 +334,22 @@ class Trainer:
             return to_device(batch, self.accelerator.device)
         return None
 
-    def _pictures(self) -> list[Path]:
+    def _plain_objective(self) -> torch.nn.Module:
+        """The objective with whole tensors, for the export and pictures on the main process. Under FSDP the
+        prepared one holds shards (and its forward is collective), so a plain copy is built from the final
+        checkpoint's gathered weights."""
+        if not self.sharded:
+            return self._unwrapped()
+        objective = build_objective(self.recipe)
+        objective.load_state_dict(load_model_state(self.last_checkpoint))
+        return objective.to(self.accelerator.device)
+
+    def _pictures(self, obj: torch.nn.Module) -> list[Path]:
         out = []
         if not (self.recipe.run.visualize and self.is_main):
             return out
         batch = self._fixed_batch()
         if batch is not None:
-            obj = self._unwrapped()
             was_training = obj.training
             obj.eval()
             with torch.no_grad(), self.accelerator.autocast():
@@ -436,6 +469,7 @@ class Trainer:
                             # measured only when clipping; NaN would make metrics.jsonl invalid JSON
                             **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),
                             "samples_per_s": rate,
+                            "samples_seen": self.state.samples_seen,
                             "nonfinite_total": self.state.nonfinite_total,
                             **{k: float(v) for k, v in metrics.items() if k != "loss"},
                         }
@@ -477,14 +511,14 @@ class Trainer:
             progress.close()
         if self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)[0].step != self.state.step:
             self._save()
-        backbone_dir = None
+        backbone_dir, pictures = None, []
         if self.is_main:
             from pretrain.backbone import export_backbone
 
-            objective = self._unwrapped()
+            objective = self._plain_objective()
             backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats())
             objective.on_train_end(self.out_dir)
-        pictures = self._pictures()
+            pictures = self._pictures(objective)
         acc.wait_for_everyone()
         acc.end_training()
         result = TrainResult(
