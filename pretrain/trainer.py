@@ -82,6 +82,11 @@ def _check_compile_possible(device: torch.device) -> None:
             )
 
 
+def _same_point(a: TrainerState, b: TrainerState) -> bool:
+    # Samples too: after a relaunch with another global batch, a step number can recur at a later point.
+    return (a.step, a.samples_seen) == (b.step, b.samples_seen)
+
+
 def cosine_value(start: float, end: float, step: int, total: int) -> float:
     if total <= 0:
         return end
@@ -509,7 +514,7 @@ class Trainer:
                         self.state.batches_done = 0
         if progress is not None:
             progress.close()
-        if self.last_checkpoint is None or read_trainer_state(self.last_checkpoint)[0].step != self.state.step:
+        if self.last_checkpoint is None or not _same_point(read_trainer_state(self.last_checkpoint)[0], self.state):
             self._save()
         backbone_dir, pictures = None, []
         if self.is_main:

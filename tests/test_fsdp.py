@@ -86,11 +86,15 @@ def test_fsdp_plugin_is_full_shard_fsdp2_with_whole_state_dicts():
     assert "FULL_STATE_DICT" in str(p.state_dict_type)
 
 
-@pytest.mark.parametrize("objective", ["mae", "dino"])
-def test_fsdp_units_are_the_transformer_blocks(objective, tmp_path):
-    extra = DINO if objective == "dino" else []
+CLIP = ["objective.name=clip", "objective.clip.embed_dim=32", "objective.clip.text_width=32",
+        "objective.clip.text_heads=2", "objective.clip.text_layers=1", "objective.clip.text_context_length=16"]
+
+
+@pytest.mark.parametrize(("extra", "units"), [([], ["Block"]), (DINO, ["Block"]),
+                                              (CLIP, ["Block", "ResidualAttentionBlock"])], ids=["mae", "dino", "clip"])
+def test_fsdp_units_are_the_transformer_blocks(extra, units):
     obj = build_objective(load_recipe(None, ["model.img_size=16", *TINY_VIT, *extra]))
-    assert fsdp_units(obj) == ["Block"]
+    assert fsdp_units(obj) == units  # timm's ViT blocks (MAE's decoder too); CLIP's text tower blocks
     with pytest.raises(Exception, match="no transformer blocks"):
         fsdp_units(torch.nn.Linear(2, 2))
 
@@ -188,10 +192,20 @@ def test_checkpoints_move_between_one_process_two_sharded_and_back(objective, di
     name = ("student_" if objective == "dino" else "") + "backbone.blocks.0.attn.qkv.weight"  # a trained parameter
     param = dict(t._unwrapped().named_parameters())[name]
     torch.testing.assert_close(t.optimizer.state[param]["exp_avg"], of["state"][name]["exp_avg"])
-    result = Trainer(load_recipe(None, tiny_overrides(digits_shards, out, "run.max_steps=6", "data.batch_size=64",
-                                                      *extra))).fit()
-    assert result.steps == 6
-    # step_00000006 (64 per step) is further on than step_00000008 (32 per step): progress orders checkpoints
-    assert latest_checkpoint(out).name == "step_00000006"
-    assert [p.name for p in list_checkpoints(out)][-2:] == ["step_00000008", "step_00000006"]
-    assert read_trainer_state(latest_checkpoint(out))[0].samples_seen == state.samples_seen + 2 * 64
+    # Run on to step 8 in the new units, with no periodic checkpoint: the step number of the checkpoint it resumed
+    # from, at a later point of the run, so the final checkpoint must still be written (and replace it).
+    result = Trainer(load_recipe(None, tiny_overrides(digits_shards, out, "run.max_steps=8", "data.batch_size=64",
+                                                      *extra, "run.checkpoint_every_steps=0"))).fit()
+    assert result.steps == 8 and latest_checkpoint(out).name == "step_00000008"
+    assert read_trainer_state(latest_checkpoint(out))[0].samples_seen == state.samples_seen + 4 * 64
+
+
+def test_checkpoints_are_ordered_by_samples_seen_not_by_step_number(tmp_path):
+    """After a relaunch with a larger global batch, step numbers restart lower: step_6 of 64 samples per step is
+    newer than step_8 of 32."""
+    for name, samples in (("step_00000004", 128), ("step_00000008", 256), ("step_00000006", 384)):
+        d = tmp_path / "checkpoints" / name
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"state": {"step": int(name[5:]), "samples_seen": samples}}))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000008", "step_00000006"]
+    assert latest_checkpoint(tmp_path).name == "step_00000006"
