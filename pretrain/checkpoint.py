@@ -57,6 +57,8 @@ class TrainerState:
     nonfinite_total: int = 0
     samples_seen: int = 0  # all ranks together
     wall_seconds: float = 0.0
+    total_steps: int = 0  # the schedule's length once fitted to run.max_minutes (0: as the recipe plans it)
+    warmup_steps: int = 0  # its warmup, fitted with it
 
 
 # Full tensors, on the CPU, on rank 0 only (other ranks get empty dicts): what one writer needs.

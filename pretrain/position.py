@@ -56,7 +56,10 @@ def translate(state: TrainerState, old: Launch, new: Launch, steps_per_epoch: in
         return state
     epoch_samples = state.batches_done * old.batch_size * old.world_size
     updates_in_epoch = epoch_samples // new.global_batch
-    step = state.step if old.global_batch == new.global_batch else state.step * old.global_batch // new.global_batch
+    # Counts of updates (the step, a schedule fitted to run.max_minutes) keep their length in samples.
+    step, total, warmup = (n * old.global_batch // new.global_batch
+                           for n in (state.step, state.total_steps, state.warmup_steps))
+    state = dataclasses.replace(state, total_steps=total, warmup_steps=warmup)
     if updates_in_epoch >= steps_per_epoch:  # the new launch's epoch is already over: start the next one
         return dataclasses.replace(state, step=step, epoch=state.epoch + 1, batches_done=0)
     return dataclasses.replace(state, step=step, batches_done=updates_in_epoch * new.accum_steps)

@@ -340,6 +340,9 @@ class RunConfig:
     epochs: int = 1
     max_steps: int = 0  # stop after this many optimizer steps; 0 = epochs decide
     max_minutes: float = 0.0  # stop (with a checkpoint) after this wall-clock time; 0 = no limit
+    # With max_minutes: measure the update rate once (after 3% of the budget) and shorten the schedule to what
+    # the budget holds, so the lr decays fully instead of being cut off.
+    fit_to_max_minutes: bool = False
     seed: int = 0
     precision: str = "no"  # "no", "bf16" or "fp16" (fp16 uses a grad scaler)
     checkpoint_every_steps: int = 0
@@ -360,6 +363,7 @@ class RunConfig:
     def validate(self) -> None:
         _check(self.epochs >= 1, f"run.epochs={self.epochs}: must be >= 1")
         _check(self.max_steps >= 0 and self.max_minutes >= 0, "run.max_steps and run.max_minutes must be >= 0")
+        _check(not self.fit_to_max_minutes or self.max_minutes > 0, "run.fit_to_max_minutes=true needs run.max_minutes > 0")
         _one_of(self.precision, ("no", "bf16", "fp16"), "run.precision")
         _check(self.keep_last >= 1, "run.keep_last must be >= 1")
         _check(self.log_every >= 1, "run.log_every must be >= 1")

@@ -82,6 +82,11 @@ def _check_compile_possible(device: torch.device) -> None:
             )
 
 
+# Shares of run.max_minutes at which run.fit_to_max_minutes re-measures the update rate; a machine that slows
+# down later in the run shortens the schedule again.
+FIT_POINTS = (0.03, 0.25, 0.5, 0.75, 0.9)
+
+
 def _same_point(a: TrainerState, b: TrainerState) -> bool:
     # Samples too: after a relaunch with another global batch, a step number can recur at a later point.
     return (a.step, a.samples_seen) == (b.step, b.samples_seen)
@@ -204,15 +209,7 @@ class Trainer:
             layer_decay=o.layer_decay or None,
             **opt_kwargs,
         )
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=max(1, self.total_steps - self.warmup_steps),
-            lr_min=o.min_lr,
-            warmup_t=self.warmup_steps,
-            warmup_lr_init=0.0 if self.warmup_steps else self.lr,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
+        self.scheduler = self._make_scheduler(self.optimizer)
         if r.compile:
             _check_compile_possible(acc.device)
             # In place (nn.Module.compile): parameter names, checkpoints and the exported backbone stay the same.
@@ -226,6 +223,45 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------ helpers
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
+        """timm's per-update warmup + cosine over `self.total_steps`."""
+        return CosineLRScheduler(
+            getattr(optimizer, "optimizer", optimizer),  # the torch optimizer, inside Accelerate's wrapper
+            t_initial=max(1, self.total_steps - self.warmup_steps),
+            lr_min=self.recipe.optim.min_lr,
+            warmup_t=self.warmup_steps,
+            warmup_lr_init=0.0 if self.warmup_steps else self.lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+
+    def _set_schedule_length(self, total_steps: int, warmup_steps: int) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.epochs = math.ceil(total_steps / self.steps_per_epoch)
+        self.scheduler = self._make_scheduler(self.optimizer)
+
+    def _fit_schedule_to_time(self, steps_here: int, seconds_here: float) -> None:
+        """run.fit_to_max_minutes, at each of FIT_POINTS of the budget: shorten the schedule (warmup in proportion)
+        to the updates the rest of the time budget holds at the rate measured since the previous point, so the lr
+        decays fully instead of being cut off by run.max_minutes. Only ever shortened (the lr never climbs back);
+        the slowest rank decides; the fitted length is kept in checkpoints."""
+        r = self.recipe.run
+        remaining = max(0.0, 60 * r.max_minutes - self.state.wall_seconds)
+        # 5% margin: checkpoints, the final export and a machine that slows down later.
+        fits = torch.tensor([self.state.step + 0.95 * remaining * steps_here / max(seconds_here, 1e-9)],
+                            device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            fits = self.accelerator.gather(fits)
+        total = max(self.state.step + 1, int(fits.min()))
+        if total < self.total_steps:
+            if self.is_main:
+                log.warning(
+                    f"run.max_minutes={r.max_minutes:g} holds about {total} of the {self.total_steps} scheduled updates "
+                    f"(measured {steps_here / seconds_here:.2f} updates/s): the lr schedule now ends at update {total}"
+                )
+            self._set_schedule_length(total, round(self.warmup_steps * total / self.total_steps))
+        self.state.total_steps, self.state.warmup_steps = self.total_steps, self.warmup_steps
+
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
@@ -306,6 +342,8 @@ class Trainer:
         self._truncate_metrics(state)
         old = launch_of(read_trainer_state(ckpt)[1]) or self.launch
         self.state = translate(state, old, self.launch, self.steps_per_epoch)
+        if self.state.total_steps:  # a schedule fitted to run.max_minutes before the interruption
+            self._set_schedule_length(self.state.total_steps, self.state.warmup_steps)
         if self.is_main:
             log.info(
                 f"resumed from {ckpt}: step {self.state.step}, epoch {self.state.epoch}, "
@@ -387,6 +425,9 @@ class Trainer:
             )
         self.model.train()
         t_start = time.monotonic() - self.state.wall_seconds
+        fit_mark = (time.monotonic(), self.state.step)  # run.fit_to_max_minutes measures the rate from here
+        budget = 60 * r.max_minutes
+        fit_points = [f for f in FIT_POINTS if f * budget > self.state.wall_seconds] if r.fit_to_max_minutes else []
         last_ckpt_time = time.monotonic()
         final_loss = float("nan")
         bad_in_a_row = 0
@@ -487,11 +528,19 @@ class Trainer:
 
                     self.state.wall_seconds = now - t_start
                     # Clock- and signal-driven decisions differ per rank; one all-reduce makes them shared.
-                    signalled, by_time, time_up = self._any_rank(
+                    signalled, by_time, time_up, fit_due = self._any_rank(
                         stop.received is not None,
                         r.checkpoint_every_minutes > 0 and now - last_ckpt_time >= 60 * r.checkpoint_every_minutes,
                         r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
+                        bool(fit_points) and self.state.wall_seconds >= fit_points[0] * budget
+                        and self.state.step - fit_mark[1] >= 5,
                     )
+                    if fit_due:
+                        self._fit_schedule_to_time(self.state.step - fit_mark[1], now - fit_mark[0])
+                        fit_mark = (now, self.state.step)
+                        fit_points = [f for f in fit_points if f * budget > self.state.wall_seconds]
+                        if progress is not None:
+                            progress.total = self.total_steps
                     by_steps = r.checkpoint_every_steps and self.state.step % r.checkpoint_every_steps == 0
                     if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
                         self.state.epoch += 1

@@ -57,9 +57,10 @@ def test_same_global_batch_keeps_the_step_and_the_share_of_the_epoch():
 
 
 def test_another_global_batch_rescales_the_step_in_samples_and_rounds_down_to_an_update():
-    state = TrainerState(step=100, epoch=1, batches_done=13, samples_seen=3200)
+    state = TrainerState(step=100, epoch=1, batches_done=13, samples_seen=3200, total_steps=300, warmup_steps=30)
     got = translate(state, Launch(2, 16, 1), Launch(1, 48, 1), steps_per_epoch=37)  # 32 -> 48
     assert got.step == 100 * 32 // 48 == 66
+    assert (got.total_steps, got.warmup_steps) == (200, 20)  # a schedule fitted to run.max_minutes, in samples
     assert got.batches_done == (13 * 16 * 2) // 48 == 8  # 416 samples done: 8 whole updates (384), none skipped
     assert (got.epoch, got.samples_seen) == (1, 3200)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -64,6 +65,30 @@ def test_lr_warmup_and_cosine_follow_the_recipe(digits_shards, tmp_path):
     assert lrs[4] == pytest.approx(t.lr * 4 / 5)
     assert max(lrs) == pytest.approx(t.lr, rel=1e-6)
     assert lrs[-1] < lrs[10] and lrs[-1] >= 1e-5
+
+
+def test_fit_to_max_minutes_completes_the_schedule_within_the_budget(digits_shards, tmp_path, caplog):
+    """2,000 planned updates (100 of warmup), 8 seconds: the rate measured early shortens the schedule (warmup
+    in proportion) so the cosine ends, lr at its floor, before the time cap would cut it off; a resume keeps the
+    fitted length."""
+    out = tmp_path / "run"
+    extra = ("run.max_steps=2000", "run.max_minutes=0.133", "run.fit_to_max_minutes=true", "optim.warmup_steps=100",
+             "optim.min_lr=1e-6", "run.log_every=1", "run.visualize=false")
+    with caplog.at_level("WARNING", logger="vitssl.trainer"):
+        result = Trainer(tiny_recipe(digits_shards, out, *extra)).fit()
+    assert "the lr schedule now ends at update" in caplog.text
+    assert result.stopped_early == "" and 5 < result.steps < 2000 and result.wall_seconds < 8
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["state"]
+    total, warmup = state["total_steps"], state["warmup_steps"]
+    assert total == result.steps and abs(warmup - 100 * total / 2000) <= 1
+    # The last update used the fitted cosine's last value (timm's, at update total - 1), near the floor.
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    peak = 1e-3 * 32 / 256
+    expected = 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * (total - 1 - warmup) / (total - warmup)))
+    assert last == pytest.approx(expected, rel=1e-6) and last < 0.1 * peak
+    again = Trainer(tiny_recipe(digits_shards, out, *extra))
+    again._resume()
+    assert (again.total_steps, again.warmup_steps) == (state["total_steps"], state["warmup_steps"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
