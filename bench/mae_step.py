@@ -42,8 +42,8 @@ TARGET_SPEEDUP = 2.5
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small batch, few steps (< 30 s), same JSON shape")
-    ap.add_argument("--batch-size", type=int, default=None, help="default 64 (quick: 32)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5, quick 3)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64 (quick: 16)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5, quick 2)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before timing")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory-worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.batch_size = args.batch_size or (32 if args.quick else 64)
-    args.steps = args.steps or (3 if args.quick else 5)
+    args.batch_size = args.batch_size or (16 if args.quick else 64)
+    args.steps = args.steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
     return args
 

@@ -8,7 +8,7 @@ batch 256, shuffled, for 0, 1 and 2 workers; images/s cover one whole epoch incl
 Two side measurements justify hand-written pieces: the tar parser in shards.stream vs webdataset's
 tarfile-based one (samples/s, one process, no decode), and `to_float_tensor` vs transforms.v2
 `pil_to_tensor` + `to_dtype` (microseconds per image; both give identical tensors).
-`--quick` uses 5,000 images (< 30 s); the default 20,000.
+`--quick` uses 2,500 images (< 30 s); the default 20,000.
 
     python bench/shards_stream.py [--quick] [--images N] [--batch-size 256]
 """
@@ -124,14 +124,14 @@ def conversion_us(folder: Path, n: int = 2000) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5,000 images (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="2,500 images (< 30 s)")
     parser.add_argument(
-        "--images", type=int, default=0, help="images to use (default 20,000; 5,000 with --quick)"
+        "--images", type=int, default=0, help="images to use (default 20,000; 2,500 with --quick)"
     )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="epochs per alternative; the best counts")
     args = parser.parse_args()
-    n = args.images or (5000 if args.quick else 20000)
+    n = args.images or (2500 if args.quick else 20000)
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
