@@ -287,7 +287,8 @@ def test_fmnist_recipe_matches_the_pretraining_architecture():
     for key in ("name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio"):
         assert getattr(ft.model, key) == getattr(mae.model, key), key
     assert ft.objective.supervised.init_from == mae.run.out_dir
-    assert ft.optim.layer_decay == 0.75 and ft.run.precision == "no"
+    assert ft.optim.layer_decay == 0.9 and ft.run.precision == "no"
+    assert ft.run.fit_to_max_minutes and ft.run.max_minutes == 30
 
 
 TWO_RANK_SCRIPT = '''
