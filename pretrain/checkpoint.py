@@ -65,7 +65,7 @@ class TrainerState:
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside Accelerate's wrapper (its step() also drives the grad scaler)."""
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -73,7 +73,7 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Collective: the model's and optimizer's whole state, keyed by parameter name (filled on rank 0)."""
     return (get_model_state_dict(model, options=_GATHER),
-            get_optimizer_state_dict(model, _inner(optimizer), options=_GATHER))
+            get_optimizer_state_dict(model, torch_optimizer(optimizer), options=_GATHER))
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -163,7 +163,7 @@ def save_checkpoint(
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "backbone_config.json").write_text(json.dumps(backbone_config, indent=2))
         meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe,
-                "sharded": bool(getattr(accelerator, "is_fsdp2", False)), **({"launch": launch} if launch else {})}
+                "sharded": accelerator.is_fsdp2, **({"launch": launch} if launch else {})}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -238,7 +238,7 @@ def load_checkpoint(
         else:
             # strict=False: a parameter that has not been stepped yet (DINO freezes its last layer at first) has no
             # state, in the checkpoint as in a fresh optimizer.
-            set_optimizer_state_dict(model, _inner(optimizer), optim_state,
+            set_optimizer_state_dict(model, torch_optimizer(optimizer), optim_state,
                                      options=StateDictOptions(full_state_dict=True, strict=False))
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and (ckpt / "scaler.pt").is_file():

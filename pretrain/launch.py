@@ -109,7 +109,7 @@ def fsdp_plugin():
 
 def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = False, log_with=None,
                      project_dir=None, **kwargs):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, __version__
     from accelerate.utils import DistributedDataParallelKwargs
 
     use_cpu = cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -129,7 +129,7 @@ def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = F
     if fsdp and not acc.is_fsdp2:
         if acc.num_processes > 1:  # Accelerate drops the plugin on CPU processes and would train with DDP
             raise LaunchError(
-                f"run.fsdp=true needs GPU processes: Accelerate {_accelerate_version()} applies FSDP only on GPUs, and "
+                f"run.fsdp=true needs GPU processes: Accelerate {__version__} applies FSDP only on GPUs, and "
                 f"these {acc.num_processes} processes run on {acc.device.type}. Use run.fsdp=false (DDP) here."
             )
         # One process has nothing to shard over: it trains unsharded, with the same checkpoints.
@@ -137,9 +137,3 @@ def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = F
 
         logging.getLogger("vitssl.launch").warning("run.fsdp=true with one process: nothing to shard, training unsharded")
     return acc
-
-
-def _accelerate_version() -> str:
-    import accelerate
-
-    return accelerate.__version__

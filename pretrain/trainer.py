@@ -34,6 +34,7 @@ from pretrain.checkpoint import (
     load_model_state,
     read_trainer_state,
     save_checkpoint,
+    torch_optimizer,
 )
 from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
@@ -226,7 +227,7 @@ class Trainer:
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
         """timm's per-update warmup + cosine over `self.total_steps`."""
         return CosineLRScheduler(
-            getattr(optimizer, "optimizer", optimizer),  # the torch optimizer, inside Accelerate's wrapper
+            torch_optimizer(optimizer),
             t_initial=max(1, self.total_steps - self.warmup_steps),
             lr_min=self.recipe.optim.min_lr,
             warmup_t=self.warmup_steps,

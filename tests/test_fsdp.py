@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, TINY_VIT, params, subprocess_env, tiny_overrides
+from helpers import ROOT, TINY_VIT, params, tiny_overrides, torchrun_two_cpu
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import TrainerState, latest_checkpoint, list_checkpoints, read_trainer_state
@@ -33,15 +33,6 @@ DINO = [
     "objective.dino.local_crops_number=2",
     "objective.dino.local_crop_size=8",
 ]
-
-
-def torchrun(*args: str, timeout: float = 240):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *args]
-    env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 # ---- position across launches (pure arithmetic) ---------------------------------------------------------------
@@ -116,7 +107,8 @@ def test_fsdp_in_one_process_trains_unsharded_with_a_warning(digits_shards, tmp_
 def test_fsdp_on_cpu_processes_is_refused_not_silently_ddp(digits_shards, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    p = torchrun(str(out), *tiny_overrides(digits_shards, out, "run.fsdp=true", "run.max_steps=1"), timeout=180)
+    p = torchrun_two_cpu(SCRIPT, str(out), *tiny_overrides(digits_shards, out, "run.fsdp=true", "run.max_steps=1"),
+                         timeout=180)
     assert p.returncode != 0
     assert "run.fsdp=true needs GPU processes" in p.stderr and "Use run.fsdp=false" in p.stderr
     assert not (out / "checkpoints").exists()
@@ -143,7 +135,7 @@ def test_checkpoints_move_between_one_process_two_sharded_and_back(objective, di
         shutil.copytree(base, out)
         args = tiny_overrides(digits_shards, out, "run.max_steps=8", "data.batch_size=16", *extra,
                               f"run.fsdp={leg == 'fsdp'}")
-        p = torchrun(*(["--lift-gpu-gate"] if leg == "fsdp" else []), str(out), *args)
+        p = torchrun_two_cpu(SCRIPT, *(["--lift-gpu-gate"] if leg == "fsdp" else []), str(out), *args, timeout=240)
         assert p.returncode == 0, p.stderr[-3000:]
         log = p.stdout + p.stderr
         assert f"resumed from {out / 'checkpoints' / 'step_00000004'}: step 4" in log
