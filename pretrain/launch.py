@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from shards.lifeline import exit_with_launcher
+
 WORKING_COMMANDS = (
     "  accelerate launch --multi_gpu --num_processes N -m pretrain RECIPE.yaml\n"
     "  ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node N -m pretrain RECIPE.yaml   (drop the variable on GPUs)"
@@ -112,6 +114,8 @@ def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = F
     from accelerate import Accelerator, __version__
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # First, before init_process_group can block on a store that lived in the launcher: a rank ends with it.
+    exit_with_launcher()
     use_cpu = cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     if precision == "fp16" and use_cpu:
         raise LaunchError("run.precision=fp16 needs a GPU; on CPU use run.precision=bf16 (or no)")

@@ -6,6 +6,9 @@
     python -m shards write captions /data/pairs.jsonl --out data/pairs
     python -m shards verify data/fmnist
     python -m shards info data/fmnist/train --grid fmnist.png
+
+verify and info read local shard-set folders; a `pipe:` argument (a shell command) is refused unless
+VITSSL_ALLOW_PIPE=1 is set.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from shards.sources import (
     mnist_splits,
     resolve_classes,
 )
+from shards.stream import check_pipe_allowed
 from shards.verify import verify
 from shards.writer import ENCODINGS, write_shard_set, write_split_shard_sets
 
@@ -116,7 +120,8 @@ def _write(args: argparse.Namespace) -> int:
         if source.skipped:
             print(f"skipped {source.skipped} of {source.count} entries of {source.description} (see warnings)")
     for path, m in written.items():
-        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes")
+        converted = f"; converted to 8-bit L/RGB: {m.conversions_text()}" if m.conversions else ""
+        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes{converted}")
     return 0
 
 
@@ -134,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "write":
             return _write(args)
+        check_pipe_allowed(str(args.folder))  # the message says it runs a shell command and how to allow it
         if args.command == "verify":
             reports = [verify(folder) for folder in _shard_sets(args.folder)]
             print("\n".join(r.format() for r in reports))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.sources import normalize_mode
 from shards.verify import IMAGE_EXTENSIONS, iter_tar_samples
 
 UNLABELLED = "(unlabelled)"
@@ -81,7 +82,7 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
         raise FileNotFoundError(f"shard folder {folder} does not exist")
     has_manifest = (folder / MANIFEST_NAME).is_file()
     if has_manifest:
-        manifest = load_manifest(folder)
+        manifest = load_manifest(folder)  # refuses entries outside `folder`
         names = [s.name for s in manifest.shards]
     else:
         manifest = None
@@ -103,7 +104,7 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
             if want_image or (manifest is None and first_image is None):
                 image = _decode(files)
                 if image is not None and want_image:
-                    grid[label].append(image)
+                    grid[label].append(normalize_mode(image))  # as the reader sees it (8-bit L/RGB)
                 first_image = first_image or image
     total = sum(per_shard.values())
     if manifest is not None:
@@ -132,6 +133,8 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
         split=manifest.split if manifest else "",
         has_manifest=has_manifest,
     )
+    if manifest is not None and manifest.conversions:
+        result.notes.append(f"the writer converted images to 8-bit L/RGB: {manifest.conversions_text()}")
     if manifest is not None and total != manifest.total:
         result.notes.append(f"scanned {total} samples, manifest says {manifest.total} (run verify)")
     if grid_png is not None:

@@ -31,7 +31,6 @@ NAMED_CLASS_LISTS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_NAME
 
 # IDX type byte -> numpy dtype (big-endian, as the format specifies)
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -67,11 +66,69 @@ class SampleSource:
         log.warning("skipped %s: %s", what, why)
 
 
+# What `normalize_image` did to an image, as the writer counts it in `Manifest.conversions`.
+HIGH_BIT_DEPTH_SCALED = "high_bit_depth_scaled"
+ALPHA_COMPOSITED = "alpha_composited"
+_HIGH_BIT_DEPTH_MODES = {"I", "F"}  # and every "I;16..." mode
+_GRAY_ALPHA_MODES = {"LA", "La"}
+_INT32_MAX = 2**31 - 1
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image as "L", scaled (not clipped) by the rules of `normalize_image`."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        x = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        x = x * 255 if x.size and x.max() <= 1.0 else x  # [0, 1] floats; otherwise already on the 0..255 scale
+        out = np.rint(x.clip(0, 255))
+    else:
+        x = pixels.astype(np.int64).clip(0, None)
+        top = 65535 if image.mode.startswith("I;16") or not x.size or x.max() <= 65535 else _INT32_MAX
+        out = (x * 255 + top // 2) // top  # round(v * 255 / top): v / 257 rounded for 16-bit
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
+def _composite_on_white(image: Image.Image, gray: bool) -> tuple[Image.Image, bool]:
+    """`image` (with an alpha channel or transparency key) over a white background; True when any pixel
+    was not fully opaque (a fully opaque alpha is dropped and not counted)."""
+    rgba = np.asarray(image.convert("LA" if gray else "RGBA"))
+    color, alpha = rgba[..., :-1], rgba[..., -1:]
+    out_mode = "L" if gray else "RGB"
+    if alpha.size == 0 or alpha.min() == 255:
+        return Image.fromarray(np.ascontiguousarray(color[..., 0] if gray else color), out_mode), False
+    a = alpha.astype(np.float32) / 255
+    out = np.rint(color * a + 255 * (1 - a)).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if gray else out, out_mode), True
+
+
+def normalize_image(image: Image.Image) -> tuple[Image.Image, str]:
+    """`image` as 8-bit "L" or "RGB", and what was done to it: "" (nothing worth counting),
+    `HIGH_BIT_DEPTH_SCALED` or `ALPHA_COMPOSITED`.
+
+    - "L" and "RGB" (without a transparency key) come back as they are; "1" becomes "L" (0/255); other
+      colour modes (P, CMYK, YCbCr, ...) become "RGB".
+    - High bit depth is scaled to 0..255, never clipped: "I;16"/"I;16B"/"I;16L"/"I;16N" as round(v / 257);
+      "I" (32-bit int) likewise as 16-bit when its max is <= 65535, else over the 0..2**31-1 range (negative
+      values are 0); "F" (float) is taken as [0, 1] when its max is <= 1, else as 0..255 (clipped; NaN is 0).
+      16-bit RGB files are already reduced to 8 bits by Pillow when it opens them.
+    - Transparency (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto a white background,
+      which is how the image looks on a page; a fully opaque alpha channel is simply dropped (not counted).
+    """
+    mode = image.mode
+    if mode in ("L", "RGB") and "transparency" not in image.info:
+        return image, ""
+    if mode in _HIGH_BIT_DEPTH_MODES or mode.startswith("I;16"):
+        return _to_8bit(image), HIGH_BIT_DEPTH_SCALED
+    if image.has_transparency_data:
+        gray = mode in _GRAY_ALPHA_MODES or mode in ("1", "L")
+        out, composited = _composite_on_white(image, gray)
+        return out, ALPHA_COMPOSITED if composited else ""
+    return image.convert("L" if mode == "1" else "RGB"), ""
+
+
 def normalize_mode(image: Image.Image) -> Image.Image:
-    """Keep "L" and "RGB" as they are; other grayscale modes become "L", everything else "RGB"."""
-    if image.mode in ("L", "RGB"):
-        return image
-    return image.convert("L" if image.mode in _GRAYSCALE_MODES else "RGB")
+    """`image` as 8-bit "L" or "RGB" (see `normalize_image`)."""
+    return normalize_image(image)[0]
 
 
 def resolve_classes(spec: str) -> list[str]:
@@ -89,8 +146,9 @@ def resolve_classes(spec: str) -> list[str]:
 def _open_image(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im.load()
-        # closing the file frees the pixels of `im`, so hand back a copy (or a converted image)
-        return im.copy() if im.mode in ("L", "RGB") else normalize_mode(im)
+        # closing the file frees the pixels of `im`, so hand back a copy; the writer converts its mode
+        # (`normalize_image`) and counts what that changed
+        return im.copy()
 
 
 # --- built-in digits --------------------------------------------------------------------------

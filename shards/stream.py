@@ -7,11 +7,14 @@ Two modes:
   RNG seeded by (seed, epoch), identical on every rank; the concatenation is one virtual sequence of
   N samples; rank r takes the contiguous slice [r*N//R, (r+1)*N//R). Ranks must run the same number
   of batches (or DDP hangs at the epoch's end), so ``remainder`` equalises them:
-  ``"drop"`` trims every rank to floor(N/R) samples (at most R-1 samples per epoch unseen, a different
-  few each epoch); ``"pad"`` extends every rank to ceil(N/R) with ``pad=True`` duplicates (the
-  samples after the slice, wrapping round), so a feature gather that drops pads sees each sample
-  exactly once. A rank's K = ceil(T/B) batches are dealt to workers round-robin (batch k to worker
-  k % W, matching the DataLoader's round-robin), and each worker reads a contiguous part of the
+  ``"drop"`` (training) yields FULL batches only: every rank T = floor(floor(N/R) / B) * B samples, so
+  up to R*B - 1 samples per epoch go unseen; with ``shuffle`` the virtual sequence also starts at an
+  offset drawn from (seed, epoch), so the unseen few differ each epoch even with a single shard. A set
+  too small for one full batch per rank is a ValueError (use ``"pad"``). ``"pad"`` (feature
+  extraction) extends every rank to T = ceil(N/R) with ``pad=True`` duplicates (the samples after the
+  slice, wrapping round), so a feature gather that drops pads sees each sample exactly once; its last
+  batch may be short. A rank's K = ceil(T/B) batches are dealt to workers round-robin (batch k to
+  worker k % W, matching the DataLoader's round-robin), and each worker reads a contiguous part of the
   rank's slice, touching only the shards that overlap it, skipping the rest undecoded.
 - ``mode="resampled"`` (endless or huge data): each worker draws shards with replacement (weighted
   by sample count) with an RNG seeded by (seed, epoch, rank, worker); an epoch is
@@ -33,10 +36,15 @@ already delivered, after the shuffle and before decoding. Batches after resume a
 order and augmented tensors) when world size, num_workers, batch size and seed are unchanged and the
 skipped part of the epoch held no bad samples.
 
+Images reach the transform as 8-bit "L" or "RGB" (`shards.sources.normalize_image`: 16-bit and float
+images scaled, not clipped; transparency composited onto white).
+
 The tar reader is a small streaming parser (ustar, GNU long names, pax, gzip by ``.gz``/``.tgz``
 suffix) over `webdataset.gopen` streams (``http(s)://`` through urllib with retries and back-off), so local
-paths, ``http(s)://`` and ``pipe:`` URLs work; a URL that cannot be read raises `StreamError` naming it; it
-is ~10x faster than `tarfile` on small samples (see bench/shards_stream.py).
+paths and ``http(s)://`` URLs work; a URL that cannot be read raises `StreamError` naming it; it
+is ~10x faster than `tarfile` on small samples (see bench/shards_stream.py). ``pipe:`` URLs run a shell
+command, so they are refused (`PipeSourceError`) unless allowed: ``allow_pipe=True`` or the environment
+variable ``VITSSL_ALLOW_PIPE=1`` (`check_pipe_allowed`).
 """
 
 from __future__ import annotations
@@ -74,14 +82,15 @@ from webdataset.filters import shuffle as buffer_shuffle
 from webdataset.gopen import gopen
 
 from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.sources import normalize_mode
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
 REQUIRABLE = ("label", "caption")
-_GRAY_MODES = {"1", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ZERO_BLOCK = bytes(512)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Distinct tags keep the RNG streams derived from the same seed independent.
-_TAG_SHARD_ORDER, _TAG_BUFFER, _TAG_VIEW, _TAG_RESAMPLE, _TAG_VIEW_RESAMPLED = 1, 2, 3, 4, 5
+_TAG_SHARD_ORDER, _TAG_BUFFER, _TAG_VIEW, _TAG_RESAMPLE, _TAG_VIEW_RESAMPLED, _TAG_ROTATE = 1, 2, 3, 4, 5, 6
+ALLOW_PIPE_ENV = "VITSSL_ALLOW_PIPE"  # "1" allows pipe: sources everywhere (for CLIs)
 
 
 class StreamError(RuntimeError):
@@ -90,6 +99,25 @@ class StreamError(RuntimeError):
 
 class StreamWarning(UserWarning):
     """A shard or sample that was skipped (and counted)."""
+
+
+class PipeSourceError(ValueError):
+    """A ``pipe:`` shard source that was not allowed: opening it would run a shell command."""
+
+
+def check_pipe_allowed(url: str, allow_pipe: bool = False) -> None:
+    """Refuse a ``pipe:`` source (`PipeSourceError`) unless `allow_pipe` or ``VITSSL_ALLOW_PIPE=1``.
+
+    `webdataset.gopen` hands the rest of a ``pipe:`` URL to a shell, so a source string from a recipe or
+    a command line could run anything; the one place every opening and listing passes through."""
+    if not url.lstrip().lower().startswith("pipe:"):
+        return
+    if allow_pipe or os.environ.get(ALLOW_PIPE_ENV, "").strip() == "1":
+        return
+    raise PipeSourceError(
+        f"shard source {url!r} is a pipe: URL, which runs a shell command; refused. If you trust it, allow it "
+        f"with allow_pipe=True (recipe: data.allow_pipe: true) or the environment variable {ALLOW_PIPE_ENV}=1"
+    )
 
 
 @dataclass(frozen=True)
@@ -311,9 +339,10 @@ def _open_http(url: str) -> BinaryIO:
     raise StreamError(f"cannot read shard {url}: {last} (after {HTTP_ATTEMPTS} attempts)")
 
 
-def open_shard(url: str) -> BinaryIO:
+def open_shard(url: str, *, allow_pipe: bool = False) -> BinaryIO:
     """Open a shard for reading: http(s):// with retries (`_open_http`), anything else (paths, file://,
-    pipe:, ...) with `webdataset.gopen`."""
+    pipe: when allowed (`check_pipe_allowed`), ...) with `webdataset.gopen`."""
+    check_pipe_allowed(url, allow_pipe)
     if url.startswith(("http://", "https://")):
         stream = _open_http(url)
     else:
@@ -332,8 +361,10 @@ def _is_url(s: str) -> bool:
     return "://" in s or s.startswith("pipe:")
 
 
-def count_tar_samples(url: str) -> int:
-    """Samples in one tar, by reading it through (cached per process); a damaged tar counts what is readable."""
+def count_tar_samples(url: str, *, allow_pipe: bool = False) -> int:
+    """Samples in one tar, by reading it through (cached per process); a damaged tar counts what is readable.
+    A ``pipe:`` URL is refused unless allowed (`check_pipe_allowed`)."""
+    check_pipe_allowed(url, allow_pipe)
     key: tuple = (url,)
     if not _is_url(url):
         st = os.stat(url)
@@ -341,7 +372,7 @@ def count_tar_samples(url: str) -> int:
     if key not in _scan_cache:
         n = 0
         try:
-            with open_shard(url) as stream:
+            with open_shard(url, allow_pipe=allow_pipe) as stream:
                 for _ in iter_tar_samples(stream):
                     n += 1
         except (tarfile.ReadError, OSError, EOFError) as e:
@@ -357,7 +388,8 @@ def count_tar_samples(url: str) -> int:
 
 
 def _manifest_counts(folder: Path) -> dict[str, int]:
-    """{shard file name: count} from `folder/manifest.json`, or {} when there is none."""
+    """{shard file name: count} from `folder/manifest.json`, or {} when there is none; a manifest naming a
+    file outside `folder` is refused (`load_manifest`)."""
     path = folder / MANIFEST_NAME
     if not path.is_file():
         return {}
@@ -382,13 +414,17 @@ def _split_top_level_commas(s: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[str, int]]:
+def list_shards(
+    source: str | os.PathLike | Sequence[str | os.PathLike], *, allow_pipe: bool = False
+) -> list[tuple[str, int]]:
     """Resolve a source into [(url, sample count)] in canonical order.
 
     `source`: a shard-set folder (its manifest's order and counts; a folder without a manifest means its
     `*.tar` files, sorted, counted by a scan), a list of paths/URLs, a glob, a brace pattern
     (`shard-{000000..000009}.tar`) or a comma-separated mix of these. Local tars listed in a
     `manifest.json` beside them take their count from it; other tars are counted by one scan.
+    A ``pipe:`` item is refused unless `allow_pipe` or ``VITSSL_ALLOW_PIPE=1`` (`check_pipe_allowed`);
+    a manifest entry outside its folder is refused (`shards.manifest.ManifestEntryError`).
     """
     items: list[str]
     if isinstance(source, (str, os.PathLike)):
@@ -404,9 +440,10 @@ def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for item in items:
         if item.startswith("file://"):
             item = item[len("file://") :]
+        check_pipe_allowed(item, allow_pipe)  # before anything runs, even a count
         if _is_url(item):
             urls = [item] if item.startswith("pipe:") else list(braceexpand.braceexpand(item))
-            out.extend((u, count_tar_samples(u)) for u in urls)
+            out.extend((u, count_tar_samples(u, allow_pipe=allow_pipe)) for u in urls)
             continue
         if os.path.isdir(item):
             out.extend(_folder_shards(Path(item)))
@@ -430,7 +467,7 @@ def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 def _folder_shards(folder: Path) -> list[tuple[str, int]]:
     if (folder / MANIFEST_NAME).is_file():
-        manifest = load_manifest(folder)
+        manifest = load_manifest(folder)  # refuses entries outside `folder`
         missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder / MANIFEST_NAME} lists shards that are missing: {missing[:5]}")
@@ -493,6 +530,9 @@ class ShardStream(IterableDataset):
     `label` (int64, -1 when absent), `caption` (list of str, "" when absent), `key` (list of str),
     `index` (int64, canonical sample index), `pad` (bool) and `skipped` (int). Call `set_epoch` before
     each epoch, as with `DistributedSampler`; iterate through `loader()`.
+
+    `remainder` defaults to "pad": every sample exactly once (on one rank without a single pad); training
+    passes the recipe's `data.remainder`, "drop" by default: full batches only.
     """
 
     def __init__(
@@ -503,7 +543,7 @@ class ShardStream(IterableDataset):
         num_workers: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
         mode: str = "exact",
-        remainder: str = "drop",
+        remainder: str = "pad",
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
@@ -512,6 +552,7 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
         max_bad_fraction: float = 0.01,
         require: Sequence[str] = (),
+        allow_pipe: bool = False,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -547,12 +588,13 @@ class ShardStream(IterableDataset):
         )
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.max_bad_fraction, self.require = max_bad_fraction, tuple(require)
+        self.allow_pipe = allow_pipe  # pipe: sources run shell commands: refused unless allowed
         self.epoch, self.batches_done = 0, 0
 
         self.shards: list[Shard] = []  # non-empty shards, canonical order
         self.empty_shards: list[str] = []
         offset = 0
-        for url, count in list_shards(source):
+        for url, count in list_shards(source, allow_pipe=allow_pipe):
             if count == 0:
                 warnings.warn(f"{url}: shard holds no samples; skipped", StreamWarning, stacklevel=2)
                 self.empty_shards.append(url)
@@ -566,9 +608,15 @@ class ShardStream(IterableDataset):
             )
         self.epoch_samples = epoch_samples or self.total
         if self.samples_per_epoch() == 0:
+            if mode == "resampled":
+                raise ValueError(
+                    f"epoch_samples={self.epoch_samples} cannot fill world_size={world_size} ranks (each would "
+                    "get none); raise epoch_samples"
+                )
             raise ValueError(
-                f"{self.total} samples cannot fill {world_size} ranks with remainder='drop' (each would get none); "
-                "use remainder='pad' or fewer ranks"
+                f"remainder='drop' leaves no full batch: {self.total} samples over world_size={world_size} ranks "
+                f"is {self.total // world_size} per rank, fewer than batch_size={batch_size}; use "
+                "remainder='pad', a smaller batch_size or fewer ranks"
             )
 
     # ---- position ----------------------------------------------------------------------------------------
@@ -593,8 +641,8 @@ class ShardStream(IterableDataset):
         """Samples each rank yields per epoch (pads included); identical on every rank."""
         if self.mode == "resampled":
             return self.epoch_samples // self.world_size
-        if self.remainder == "drop":
-            return self.total // self.world_size
+        if self.remainder == "drop":  # full batches only
+            return self.total // self.world_size // self.batch_size * self.batch_size
         return -(-self.total // self.world_size)
 
     def batches_per_epoch(self) -> int:
@@ -621,6 +669,10 @@ class ShardStream(IterableDataset):
             )
         if not dataloader_kwargs.pop("in_order", True):
             raise ValueError("in_order=False breaks the batch order that resume relies on")
+        from shards.lifeline import WorkerLifeline  # local: the rest of this module is edited elsewhere
+
+        # Workers die with this process (SIGKILL of a rank), then run the caller's own worker_init_fn.
+        dataloader_kwargs["worker_init_fn"] = WorkerLifeline(dataloader_kwargs.get("worker_init_fn"))
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         return DataLoader(
@@ -673,22 +725,31 @@ class ShardStream(IterableDataset):
             first, i = end, i + 1
         return out
 
+    def _rotation(self, epoch: int) -> int:
+        """Where this epoch's virtual sequence starts: 0, or with shuffle and remainder="drop" an offset drawn
+        from (seed, epoch), so the samples that do not fill a batch change every epoch even with one shard."""
+        if not (self.shuffle and self.remainder == "drop"):
+            return 0
+        return random.Random(_seed_of(_TAG_ROTATE, self.seed, epoch)).randrange(self.total)
+
     def _worker_segments(self, worker: int) -> list[_Segment]:
         """Exact mode: the shard pieces one worker reads this epoch, in order."""
         plan, n, world = self._plan(self.epoch), self.total, self.world_size
-        rank_start = self.rank * n // world
-        rank_len = (self.rank + 1) * n // world - rank_start
+        rank_start = self.rank * n // world + self._rotation(self.epoch)
+        rank_len = (self.rank + 1) * n // world - self.rank * n // world
         quotas = [
             sum(s) for s in worker_batch_sizes(self.samples_per_epoch(), self.batch_size, self._workers)
         ]
         first = sum(quotas[:worker])
         stop = first + quotas[worker]
-        segments = self._segments(plan, rank_start + first, rank_start + min(stop, rank_len), False)
-        pos = max(first, rank_len)  # positions past the rank's slice are pads: the samples after it, wrapping
+        # Positions [first, stop) of the rank's slice, wrapping round the sequence; those past the slice are
+        # pads (remainder="pad"): the samples after it.
+        segments, pos = [], first
         while pos < stop:
+            pad = pos >= rank_len
             v = (rank_start + pos) % n
-            run = min(stop - pos, n - v)
-            segments += self._segments(plan, v, v + run, True)
+            run = min((stop if pad else min(stop, rank_len)) - pos, n - v)
+            segments += self._segments(plan, v, v + run, pad)
             pos += run
         return segments
 
@@ -697,13 +758,15 @@ class ShardStream(IterableDataset):
         shard = self.shards[segment.shard]
         got, problem = 0, ""
         try:
-            with open_shard(shard.url) as stream:
+            with open_shard(shard.url, allow_pipe=self.allow_pipe) as stream:
                 for pos, (key, files) in enumerate(iter_tar_samples(stream)):
                     got = pos + 1
                     if pos >= segment.lo:
                         yield _Record(shard.offset + pos, key, files, segment.pad, shard.url)
                     if got == segment.hi:
                         return
+        except PipeSourceError:
+            raise  # a refusal, not a damaged shard
         except (tarfile.ReadError, OSError, EOFError, ValueError) as e:
             problem = f"unreadable after sample {got} ({type(e).__name__}: {e})"
         missing = segment.hi - max(segment.lo, got)
@@ -731,10 +794,9 @@ class ShardStream(IterableDataset):
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
+            image = normalize_mode(image)  # 8-bit L/RGB: high bit depth scaled, transparency onto white
         except Exception as e:  # PIL raises many types for damaged data; each means the same here
             return f"unreadable image ({type(e).__name__}: {e})"
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
         label = -1
         if "cls" in files:
             try:

@@ -1,10 +1,16 @@
-"""Check a shard set against its manifest: checksums, counts, every image decodes, labels in range."""
+"""Check a shard set against its manifest: checksums, counts, every image decodes, labels in range.
+
+A manifest that lists a file outside its folder is a problem and nothing it lists is opened
+(`shards.manifest.shard_path`). Images the reader has to convert (high bit depth, transparency; see
+`shards.sources.normalize_image`) are not problems, but the report notes how many there are.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.manifest import Manifest, load_manifest, sha256_file
+from shards.sources import ALPHA_COMPOSITED, normalize_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
@@ -33,6 +40,7 @@ class VerifyReport:
     shards_checked: int = 0
     samples_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not problems, but worth knowing (converted images)
 
     @property
     def ok(self) -> bool:
@@ -42,8 +50,9 @@ class VerifyReport:
         return {(p.shard, p.key) for p in self.problems if p.key}
 
     def format(self) -> str:
-        lines = [f"BAD {p}" for p in self.problems]
+        lines = [f"BAD {p}" for p in self.problems] + [f"NOTE {n}" for n in self.notes]
         verdict = "OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))"
+        verdict += f" with {len(self.notes)} note(s)" if self.notes else ""
         lines.append(f"{verdict}: {self.folder}: {self.shards_checked} shards, {self.samples_checked} samples checked")
         return "\n".join(lines)
 
@@ -76,8 +85,9 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> list[str]:
-    """What is wrong with one sample, as short sentences."""
+def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, converted: Counter[str]) -> list[str]:
+    """What is wrong with one sample, as short sentences; images the reader converts are counted in
+    `converted` by their stored mode ("RGBA with transparency", "I;16", ...)."""
     wrong = []
     images = [ext for ext in files if ext in IMAGE_EXTENSIONS]
     if not images:
@@ -87,6 +97,7 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> list
             with Image.open(io.BytesIO(files[ext])) as im:
                 im.load()
                 mode, size = im.mode, [im.height, im.width]
+                change = normalize_image(im)[1]  # what the reader will do to it
         except Exception as e:  # any decoder failure is a finding here, not a crash
             wrong.append(f"undecodable .{ext} image ({type(e).__name__}: {e})")
             continue
@@ -94,6 +105,8 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> list
             wrong.append(f"image mode {mode}, manifest says {manifest.image_mode}")
         if manifest.image_size and size != list(manifest.image_size):
             wrong.append(f"image size {size}, manifest says {manifest.image_size}")
+        if change:
+            converted[f"{mode} with transparency" if change == ALPHA_COMPOSITED else mode] += 1
     if "cls" in files:
         try:
             label = int(files["cls"].decode("ascii").strip())
@@ -130,6 +143,7 @@ def verify(folder: str | Path) -> VerifyReport:
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         report.problems.append(Problem(extra, "", "tar file not listed in the manifest"))
     seen: dict[str, str] = {}
+    converted: Counter[str] = Counter()
     for shard in manifest.shards:
         path = folder / shard.name
         problems = report.problems
@@ -148,10 +162,13 @@ def verify(folder: str | Path) -> VerifyReport:
                 if key in seen:
                     problems.append(Problem(shard.name, key, f"duplicate key (also in {seen[key]})"))
                 seen[key] = shard.name
-                problems += [Problem(shard.name, key, w) for w in _check_sample(key, files, manifest)]
+                problems += [Problem(shard.name, key, w) for w in _check_sample(key, files, manifest, converted)]
         except (tarfile.TarError, EOFError, OSError) as e:
             problems.append(Problem(shard.name, "", f"corrupt or truncated tar after {count} samples ({e})"))
         report.samples_checked += count
         if count != shard.count:
             problems.append(Problem(shard.name, "", f"{count} samples, manifest says {shard.count}"))
+    for what, n in sorted(converted.items()):
+        how = "composited onto white" if what.endswith("transparency") else "scaled to 8 bits (not clipped)"
+        report.notes.append(f"{n} image(s) stored as {what}: the reader converts them ({how})")
     return report

@@ -15,16 +15,17 @@ import math
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import webdataset as wds
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
-from shards.sources import RawSample, normalize_mode
+from shards.sources import RawSample, normalize_image, normalize_mode
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 _UNBALANCED_PATTERN = "unbalanced-{:06d}.tar"  # first pass when shards must be re-split evenly
@@ -62,7 +63,8 @@ class ShardOptions:
 
 
 def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", jpg_quality: int = 95) -> Record:
-    """One sample as WebDataset record bytes: the image, `.cls`, `.txt` and `.json`."""
+    """One sample as WebDataset record bytes: the image (as 8-bit "L" or "RGB", `normalize_image`), `.cls`,
+    `.txt` and `.json`."""
     key = sample.key
     if not _KEY.fullmatch(key) or "." in key or "/" in key:
         raise ValueError(f"bad sample key {key!r}: use 1-90 printable ASCII characters without dots or slashes")
@@ -197,13 +199,17 @@ class _SetWriter:
         self.modes: set[str] = set()
         self.sizes: set[tuple[int, int]] = set()
         self.captions = 0
+        self.conversions: Counter[str] = Counter()  # normalize_image's changes worth reporting, per kind
 
     def add(self, sample: RawSample) -> None:
-        record = encode_sample(sample, self.classes, self.options.encoding, self.options.jpg_quality)
+        image, change = normalize_image(sample.image)  # once, here: encode_sample then keeps it as it is
+        record = encode_sample(replace(sample, image=image), self.classes, self.options.encoding,
+                               self.options.jpg_quality)
         if sample.key in self.keys:
             raise ValueError(f"duplicate sample key {sample.key!r}")
         self.keys.add(sample.key)
-        image = normalize_mode(sample.image)
+        if change:
+            self.conversions[change] += 1
         self.modes.add(image.mode)
         self.sizes.add((image.height, image.width))
         self.captions += sample.caption is not None
@@ -224,6 +230,7 @@ class _SetWriter:
             image_mode=next(iter(self.modes)) if len(self.modes) == 1 else "",
             image_size=list(next(iter(self.sizes))) if len(self.sizes) == 1 else [],
             has_captions=self.captions == len(self.keys),
+            conversions=dict(sorted(self.conversions.items())),
         )
         manifest.save(self.folder)
         return manifest
@@ -266,7 +273,9 @@ def write_shard_set(
 
     A shard closes at `samples_per_shard` samples or before it would pass `max_shard_bytes`.
     With `shard_multiple` M > 1 the set is re-cut into a multiple of M shards whose counts differ
-    by at most one, so that ranks x workers get equal shares.
+    by at most one, so that ranks x workers get equal shares. Images are stored as 8-bit "L" or "RGB"
+    (`shards.sources.normalize_image`); how many were scaled from a high bit depth or composited from
+    transparency is in the returned manifest's `conversions`.
     """
     options = ShardOptions(samples_per_shard, max_shard_bytes, encoding, jpg_quality, shard_multiple)
     out = Path(out_dir)

@@ -70,7 +70,7 @@ def test_missing_http_shard_is_an_error_naming_the_url(shard_server):
 
 def test_failing_pipe_shard_is_an_error_not_an_empty_shard():
     with pytest.raises(StreamError, match="cannot read shard pipe:false"):
-        ShardStream("pipe:false", batch_size=8, rank=0, world_size=1)
+        ShardStream("pipe:false", batch_size=8, rank=0, world_size=1, allow_pipe=True)
 
 
 def _losses(out: Path) -> list[float]:

@@ -131,6 +131,33 @@ def test_image_folder(tmp_path, caplog):
             np.testing.assert_array_equal(np.asarray(image), pixels[path])
     assert decode(samples[-1]).mode == "RGB"  # RGBA becomes RGB
     assert manifest.image_mode == "" and manifest.image_size == [12, 10] and not manifest.has_captions
+    assert manifest.conversions == {"alpha_composited": 1}  # dog/c.png's random alpha
+
+
+def test_high_bit_depth_and_transparency_are_converted_and_counted(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    values = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(values).save(root / "a" / "deep.png")  # a real 16-bit PNG, opened as mode I;16
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 2] = 255
+    rgba[:8, :, 3] = 255  # top half opaque blue, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(root / "a" / "half.png")
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(root / "a" / "opaque.png")  # alpha channel, but nothing to composite
+    assert main(["write", "folder", str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "converted to 8-bit L/RGB: 1 alpha composited, 1 high bit depth scaled" in capsys.readouterr().out
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.conversions == {"alpha_composited": 1, "high_bit_depth_scaled": 1}
+    deep, half, opaque = (decode(s) for s in read_set(tmp_path / "out"))
+    got = np.asarray(deep).astype(float)
+    assert deep.mode == "L" and np.abs(got - np.rint(values / 257)).max() <= 1  # scaled, not clipped to 255
+    assert (got == 255).sum() == 1
+    assert half.mode == "RGB" and np.asarray(half)[0, 0].tolist() == [0, 0, 255]
+    assert np.asarray(half)[15, 0].tolist() == [255, 255, 255]  # transparent: the white background
+    assert np.asarray(opaque).tolist() == rgba[..., :3].tolist()
+    assert verify(tmp_path / "out").ok
+    assert "writer converted images to 8-bit L/RGB: 1 alpha composited" in info(tmp_path / "out").format()
 
 
 def test_image_folder_errors(tmp_path):

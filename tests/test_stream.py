@@ -146,9 +146,10 @@ def test_pad_gives_every_sample_exactly_once_across_ranks_and_workers(unequal: P
 
 def test_drop_gives_no_duplicates_and_equal_counts(unequal: Path) -> None:
     ranks = two_ranks(str(unequal), 3, remainder="drop")
-    assert len(ranks[0]) == len(ranks[1]) == 4
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    assert all(len(b["key"]) == 4 for r in ranks for b in r)  # full batches only
     indices = flat(ranks[0], "index") + flat(ranks[1], "index")
-    assert len(indices) == len(set(indices)) == 26  # floor(27 / 2) per rank, one sample left out
+    assert len(indices) == len(set(indices)) == 24  # floor(floor(27 / 2) / 4) * 4 per rank, 3 left out
     assert not any(b["pad"].any() for r in ranks for b in r)
     seeds = [flat(r, "index") for r in two_ranks(str(unequal), 3, remainder="drop", seed=5)]
     assert seeds != [flat(r, "index") for r in ranks]  # the seed matters too
@@ -161,7 +162,7 @@ def test_one_shard_with_two_ranks_of_two_workers(tmp_path: Path) -> None:
     assert sorted(flat(ranks[0], "index", False) + flat(ranks[1], "index", False)) == [0, 1, 2, 3, 4]
     ranks = two_ranks(str(tmp_path), 0, remainder="drop", batch_size=2)
     indices = flat(ranks[0], "index") + flat(ranks[1], "index")
-    assert len(indices) == len(set(indices)) == 4
+    assert len(indices) == len(set(indices)) == 4 and [len(r) for r in ranks] == [1, 1]
     # More workers than batches: worker 1 of each rank has nothing to read and yields nothing.
     ranks = two_ranks(str(tmp_path), 0, remainder="pad", batch_size=8)
     assert [len(r) for r in ranks] == [1, 1]
@@ -169,9 +170,12 @@ def test_one_shard_with_two_ranks_of_two_workers(tmp_path: Path) -> None:
 
 
 def test_no_shuffle_single_rank_reads_canonical_order(unequal: Path) -> None:
-    stream = ShardStream(str(unequal), batch_size=5, shuffle=False)
+    stream = ShardStream(str(unequal), batch_size=5, shuffle=False, remainder="pad")
     assert flat(run_epoch(stream, 0), "index") == list(range(27))
     assert [len(b["key"]) for b in run_epoch(stream, 0)] == [5, 5, 5, 5, 5, 2]
+    stream = ShardStream(str(unequal), batch_size=5, shuffle=False, remainder="drop")
+    assert flat(run_epoch(stream, 0), "index") == list(range(25))  # the partial batch is not trained
+    assert [len(b["key"]) for b in run_epoch(stream, 0)] == [5] * 5
 
 
 def test_worker_batch_sizes_deal_batches_round_robin() -> None:
@@ -245,7 +249,7 @@ def test_set_position_and_loader_reject_misuse(unequal: Path) -> None:
         torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1), ValueError, "built for 2"
     )
     with pytest.raises(ValueError, match="remainder='pad'"):
-        ShardStream(str(unequal), batch_size=4, world_size=30, rank=0)
+        ShardStream(str(unequal), batch_size=4, world_size=30, rank=0, remainder="drop")
     with pytest.raises(ValueError, match="unknown"):
         ShardStream(str(unequal), batch_size=4, require=("labels",))
 
@@ -503,3 +507,48 @@ def test_reads_the_writers_digits_shard_set_exactly_once(digits_shards: Path) ->
     assert sorted(seen) == list(range(1797))
     expected = torch.from_numpy((digits.images[5] * (255 / 16)).round().clip(0, 255) / 255).float()
     assert seen[5].shape == (1, 8, 8) and torch.allclose(seen[5][0], expected)
+
+
+# ---- remainder="drop": full batches only ------------------------------------------------------------------
+
+
+def test_drop_yields_only_full_batches_on_the_digits(digits_shards: Path) -> None:
+    one = ShardStream(str(digits_shards), batch_size=64, remainder="drop", shuffle_buffer=100)
+    assert one.samples_per_epoch() == 1792 and one.batches_per_epoch() == 28  # 1797 // 64 = 28 full batches
+    dropped = []
+    for epoch in (0, 1):
+        batches = run_epoch(one, epoch)
+        assert [len(b["key"]) for b in batches] == [64] * 28  # none smaller
+        seen = flat(batches, "index")
+        assert len(set(seen)) == 1792 and not any(b["pad"].any() for b in batches)
+        dropped.append(set(range(1797)) - set(seen))
+    assert len(dropped[0]) == len(dropped[1]) == 5 and dropped[0] != dropped[1]  # a different few each epoch
+    ranks = two_ranks(str(digits_shards), 0, remainder="drop", batch_size=64, shuffle_buffer=100)
+    assert [len(r) for r in ranks] == [14, 14]  # 1797 // 2 = 898 per rank: 14 full batches of 64
+    assert all(len(b["key"]) == 64 for r in ranks for b in r)
+    indices = flat(ranks[0], "index") + flat(ranks[1], "index")
+    assert len(indices) == len(set(indices)) == 2 * 14 * 64
+
+
+def test_drop_changes_the_left_out_samples_even_with_one_shard(tmp_path: Path) -> None:
+    write_shards(tmp_path, [10])
+    stream = ShardStream(str(tmp_path), batch_size=4, shuffle_buffer=1, remainder="drop")
+    left_out = {frozenset(set(range(10)) - set(flat(run_epoch(stream, e), "index"))) for e in range(6)}
+    assert all(len(s) == 2 for s in left_out) and len(left_out) > 1
+    for workers in (0, 2):  # resume mid-epoch: the same rotation, the same remaining batch
+        full = run_epoch(ShardStream(str(tmp_path), batch_size=4, num_workers=workers, remainder="drop"), 3)
+        resumed = ShardStream(str(tmp_path), batch_size=4, num_workers=workers, remainder="drop")
+        resumed.set_position(3, 1)
+        assert [b["key"] for b in resumed.loader()] == [b["key"] for b in full[1:]] and len(full) == 2
+    with pytest.raises(ValueError, match="batches_done=3"):
+        resumed.set_position(3, 3)
+
+
+def test_drop_without_a_full_batch_is_a_clear_error(tmp_path: Path) -> None:
+    write_shards(tmp_path, [5, 4])
+    with pytest.raises(
+        ValueError, match=r"9 samples over world_size=2 ranks is 4 per rank, fewer than batch_size=5.*remainder='pad'"
+    ):
+        ShardStream(str(tmp_path), batch_size=5, world_size=2, rank=0, remainder="drop")
+    padded = ShardStream(str(tmp_path), batch_size=5, world_size=2, rank=0, remainder="pad")
+    assert padded.batches_per_epoch() == 1 and padded.samples_per_epoch() == 5
