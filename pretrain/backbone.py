@@ -241,6 +241,73 @@ def export_backbone(
     return out
 
 
+# The keys of a backbone config that may reach `timm.create_model`: what `backbone_config` writes, plus the
+# architecture kwargs of timm's VisionTransformer. A config file is data from wherever the export came from, so
+# anything that makes timm read or fetch files (`checkpoint_path`, `pretrained`, `pretrained_cfg`, `cache_dir`,
+# hub / local-dir model names) or swap in code is refused rather than passed on.
+ARCH_KEYS: frozenset[str] = frozenset({
+    # written by backbone_config()
+    "num_classes", "global_pool", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "dynamic_img_size",
+    # other VisionTransformer architecture kwargs (plain values, no layer classes)
+    "class_token", "no_embed_class", "reg_tokens", "pos_embed", "qkv_bias", "qk_norm", "proj_bias", "init_values",
+    "pre_norm", "final_norm", "fc_norm", "dynamic_img_pad", "pool_include_prefix",
+})
+# Read by us (`with_data_stats` writes them): the input size and normalisation, given to timm as a fresh overlay.
+DATA_STATS_KEY = "pretrained_cfg_overlay"
+DATA_STATS_FIELDS: frozenset[str] = frozenset({"input_size", "mean", "std"})
+ALLOWED_CONFIG_KEYS: tuple[str, ...] = tuple(sorted({"model_name", "pretrained", DATA_STATS_KEY, *ARCH_KEYS}))
+
+
+def _data_stats_overlay(overlay: Any, source: str) -> dict[str, list[float]]:
+    """The validated `pretrained_cfg_overlay` of a config: only numeric input_size/mean/std lists."""
+    if not isinstance(overlay, dict):
+        raise ValueError(f"{source}: {DATA_STATS_KEY} must be a JSON object with {sorted(DATA_STATS_FIELDS)}")
+    out: dict[str, list[float]] = {}
+    for key, value in overlay.items():
+        if key not in DATA_STATS_FIELDS:
+            raise ValueError(f"{source}: key {DATA_STATS_KEY}.{key} is not allowed in a backbone config; "
+                             f"allowed: {sorted(DATA_STATS_FIELDS)}")
+        ok = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise ValueError(f"{source}: {DATA_STATS_KEY}.{key}={value!r}: must be a list of numbers")
+        out[key] = list(value)
+    return out
+
+
+def model_from_config(config: Any, source: str | Path = "backbone config") -> VisionTransformer:
+    """`timm.create_model` from a backbone config (what `backbone_config` / `with_data_stats` write), letting only
+    architecture keys through: never weights from elsewhere (`pretrained`, `checkpoint_path`, ...), never a download.
+
+    `source` names the file in errors. Raises ValueError for a refused key, a bad value or a non-ViT result.
+    """
+    if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
+        raise ValueError(f"{source}: not a backbone config (a JSON object with 'model_name' is expected)")
+    for key in config:
+        if key not in ALLOWED_CONFIG_KEYS:
+            raise ValueError(
+                f"{source}: key {key!r} is not allowed in a backbone config (only architecture keys reach "
+                f"timm.create_model); allowed keys: {list(ALLOWED_CONFIG_KEYS)}"
+            )
+    if config.get("pretrained", False) is not False:
+        raise ValueError(f"{source}: key 'pretrained'={config['pretrained']!r} is refused: an exported backbone's "
+                         "weights are its model.safetensors, never downloaded ones (write false or leave it out)")
+    name = config["model_name"]
+    if not timm.is_model(name):  # also refuses hf-hub: / local-dir: sources, which read configs from elsewhere
+        raise ValueError(f"{source}: model_name={name!r} is not a model in timm's registry, so timm.create_model "
+                         "cannot build it here (hub and local-dir sources are not loaded from a backbone config)")
+    kwargs = {k: v for k, v in config.items() if k in ARCH_KEYS}
+    if DATA_STATS_KEY in config:
+        kwargs[DATA_STATS_KEY] = _data_stats_overlay(config[DATA_STATS_KEY], str(source))
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{source}: timm.create_model(**config) failed: {e}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{source}: builds a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
 def load_backbone(path: str | Path) -> VisionTransformer:
     """Rebuild an exported backbone from a folder (or a file in it) with safetensors + JSON only, no pickle."""
     path = Path(path)
@@ -253,14 +320,7 @@ def load_backbone(path: str | Path) -> VisionTransformer:
         config = json.loads(cfg_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_path}: not a JSON backbone config ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
-        raise ValueError(f"{cfg_path}: not a backbone config (a JSON object with 'model_name' is expected)")
-    try:
-        model = timm.create_model(**config)
-    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"{cfg_path}: timm.create_model(**config) failed: {e}") from None
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{cfg_path}: builds a {type(model).__name__}, not a timm VisionTransformer")
+    model = model_from_config(config, cfg_path)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

@@ -10,7 +10,10 @@ any compute starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,82 @@ def _check(cond: bool, msg: str) -> None:
         raise RecipeError(msg)
 
 
+def _show(value: Any) -> str:
+    """A value as a message quotes it: strings quoted (so '' and ' ' are visible), YAML words for None/bools."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
 def _one_of(value: str, allowed: tuple[str, ...], name: str) -> None:
-    _check(value in allowed, f"{name}={value!r}: must be one of {list(allowed)}")
+    _check(value in allowed, f"{name}={_show(value)}: must be one of {list(allowed)}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)  # "-1: must be in [0, 1)", not "-1.0 ... [0.0, 1.0)"
+
+
+def _min(name: str, value: float, lo: float, *, strict: bool = False, note: str = "") -> None:
+    """`name=value: must be >= lo` (or `> lo` when strict); `note` says what the boundary value means."""
+    ok = value > lo if strict else value >= lo
+    _check(ok, f"{name}={_num(value)}: must be {'>' if strict else '>='} {_num(lo)}{note}")
+
+
+def _within(name: str, value: float, lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False,
+            note: str = "") -> None:
+    ok = (lo < value if open_lo else lo <= value) and (value < hi if open_hi else value <= hi)
+    interval = f"{'(' if open_lo else '['}{_num(lo)}, {_num(hi)}{')' if open_hi else ']'}"
+    _check(ok, f"{name}={_num(value)}: must be in {interval}{note}")
+
+
+def _scale_range(name: str, v: list[float]) -> None:
+    _check(len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0,
+           f"{name}={_show(v)}: must be two values with 0 < min <= max <= 1, e.g. {name}=[0.4,1.0]")
+
+
+def _stats(prefix: str, mean: list[float], std: list[float]) -> None:
+    _check(
+        len(mean) == len(std) and len(mean) in (0, 1, 3),
+        f"{prefix}.mean={_show(mean)} / {prefix}.std={_show(std)}: must have equal lengths of 0 (the default), "
+        "1 or 3 values",
+    )
+    _check(all(s > 0 for s in std), f"{prefix}.std={_show(std)}: every value must be > 0")
+
+
+def _stats_fit(prefix: str, mean: list[float], in_chans: int) -> None:
+    """A normalisation of 1 value applies to every channel; otherwise one value per channel."""
+    allowed = "1 value" if in_chans == 1 else f"1 or {in_chans} values"
+    _check(len(mean) in (0, 1, in_chans),
+           f"{prefix}.mean={_show(mean)}: {len(mean)} values for model.in_chans={in_chans}; give {allowed} (or [])")
+
+
+def _multiple_of_patch(name: str, size: int, patch: int, note: str = "") -> None:
+    if size % patch:
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        _check(False, f"{name}={size}{note} is not a multiple of the patch size model.patch_size={patch}: crops must "
+               f"tile into whole patches, e.g. {name}={nearest}")
+
+
+def _f(default: Any, *, example: Any = None, length: int | None = None) -> Any:
+    """A dataclass field (a list default is copied per instance) with hints for type-error messages:
+    `example`, the value a message suggests when the default is empty; `length`, a list's fixed length."""
+    meta = {k: v for k, v in (("example", example), ("length", length)) if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard-set folder, glob, brace pattern or URL list (comma-separated)
-    val: str = ""  # held-out shard set (optional)
+    # Shard-set folder, glob, brace pattern or URL list (comma-separated).
+    train: str = _f("", example="data/fmnist/train")
+    # Held-out shard set; null or '' = none (normalised to '' by validate()).
+    val: str | None = _f("", example="data/fmnist/val")
     batch_size: int = 64  # per process
     num_workers: int = 2
     mode: str = "exact"  # "exact": each sample once per epoch; "resampled": shards drawn with replacement
@@ -44,17 +115,24 @@ class DataConfig:
     shuffle_buffer: int = 1000
     remainder: str = "drop"  # exact mode: equalise ranks by dropping ("drop") or repeating ("pad") samples
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
-    caption_templates: list[str] = field(default_factory=list)  # CLIP on class-labelled shards
+    caption_templates: list[str] = _f([], example=["a photo of a {}."])  # CLIP on class-labelled shards
+    # `pipe:` shard sources run a shell command: refused unless this is true (a recipe from elsewhere must not run
+    # commands on the training machines just by being loaded and trained).
+    allow_pipe: bool = False
 
     def validate(self) -> None:
-        _check(self.batch_size > 0, f"data.batch_size={self.batch_size}: must be > 0")
-        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
+        if self.val is None:  # null and '' both mean "no validation set"; readers see one value
+            self.val = ""
+        _min("data.batch_size", self.batch_size, 0, strict=True)
+        _min("data.num_workers", self.num_workers, 0, note=" (0 = load in the training process)")
         _one_of(self.mode, ("exact", "resampled"), "data.mode")
+        _min("data.epoch_samples", self.epoch_samples, 0, note=" (samples per epoch in resampled mode)")
+        _min("data.shuffle_buffer", self.shuffle_buffer, 0)
         _one_of(self.remainder, ("drop", "pad"), "data.remainder")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
-        _check(0.0 <= self.max_bad_fraction < 1.0, f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1)")
+        _within("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0, open_hi=True)
         if self.mode == "resampled":
-            _check(self.epoch_samples > 0, "data.mode=resampled needs data.epoch_samples > 0")
+            _check(self.epoch_samples > 0, f"data.epoch_samples={self.epoch_samples}: data.mode='resampled' needs "
+                   "data.epoch_samples > 0 (samples per epoch, all ranks together)")
 
 
 @dataclass
@@ -74,19 +152,27 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
-        _check(self.img_size > 0 and self.patch_size > 0, "model.img_size and model.patch_size must be > 0")
-        _check(
-            self.img_size % self.patch_size == 0,
-            f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}",
-        )
+        _check(bool(self.name.strip()), f"model.name={_show(self.name)}: must name a timm VisionTransformer, "
+               "e.g. model.name=vit_tiny_patch16_224")
+        _min("model.img_size", self.img_size, 0, strict=True)
+        _min("model.patch_size", self.patch_size, 0, strict=True)
+        if self.img_size % self.patch_size:
+            lower, upper = self.img_size // self.patch_size * self.patch_size, (self.img_size // self.patch_size + 1) * self.patch_size
+            _check(False, f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}: "
+                   f"images must tile into whole patches, e.g. model.img_size={f'{lower} or {upper}' if lower else upper}")
         _check(self.in_chans in (1, 3), f"model.in_chans={self.in_chans}: must be 1 or 3")
+        for name in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
+            _min(f"model.{name}", getattr(self, name), 0, note=" (0 = model.name's own)")
         _one_of(self.pos_embed, ("learn", "sincos"), "model.pos_embed")
-        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate must be in [0, 1)")
+        _within("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, open_hi=True)
         if self.embed_dim and self.num_heads:
             _check(
                 self.embed_dim % self.num_heads == 0,
                 f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}",
             )
+        if self.embed_dim and self.pos_embed == "sincos":
+            _check(self.embed_dim % 4 == 0, f"model.embed_dim={self.embed_dim}: model.pos_embed='sincos' needs an "
+                   "embed_dim divisible by 4 (2-D sin-cos: a sin and a cos per axis)")
 
 
 @dataclass
@@ -96,33 +182,43 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     norm_pix_loss: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
+    crop_scale: list[float] = _f([0.2, 1.0], length=2)  # RandomResizedCrop area range
     hflip: bool = True
-    mean: list[float] = field(default_factory=list)  # per-channel Normalize; [] = ImageNet (gray: its average)
-    std: list[float] = field(default_factory=list)
+    # per-channel Normalize; [] = ImageNet (gray: its average)
+    mean: list[float] = _f([], example=[0.485, 0.456, 0.406])
+    std: list[float] = _f([], example=[0.229, 0.224, 0.225])
     mask_tokens_in_encoder: bool = False  # the paper's baseline: every token (mask tokens too) through the encoder
 
     def validate(self) -> None:
-        _check(0.0 < self.mask_ratio < 1.0, f"objective.mae.mask_ratio={self.mask_ratio}: must be in (0, 1)")
-        _check(self.decoder_depth >= 1, "objective.mae.decoder_depth must be >= 1")
-        _check(self.decoder_num_heads >= 1, "objective.mae.decoder_num_heads must be >= 1")
+        _within("objective.mae.mask_ratio", self.mask_ratio, 0.0, 1.0, open_lo=True, open_hi=True)
+        _min("objective.mae.decoder_embed_dim", self.decoder_embed_dim, 0, strict=True)
+        _min("objective.mae.decoder_depth", self.decoder_depth, 1)
+        _min("objective.mae.decoder_num_heads", self.decoder_num_heads, 1)
         _check(
-            self.decoder_embed_dim > 0 and self.decoder_embed_dim % self.decoder_num_heads == 0,
-            "objective.mae.decoder_embed_dim must be > 0 and divisible by decoder_num_heads",
+            self.decoder_embed_dim % self.decoder_num_heads == 0,
+            f"objective.mae.decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
+            f"objective.mae.decoder_num_heads={self.decoder_num_heads}",
         )
         _check(
             self.decoder_embed_dim % 4 == 0,
             f"objective.mae.decoder_embed_dim={self.decoder_embed_dim}: must be divisible by 4 (2-D sin-cos)",
         )
-        _check(
-            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
-            f"objective.mae.crop_scale={self.crop_scale}: two values with 0 < min <= max <= 1",
-        )
-        _check(
-            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
-            f"objective.mae.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
-        )
-        _check(all(s > 0 for s in self.std), f"objective.mae.std={self.std}: must be > 0")
+        _scale_range("objective.mae.crop_scale", self.crop_scale)
+        _stats("objective.mae", self.mean, self.std)
+
+    def validate_recipe(self, recipe: Recipe) -> None:
+        """The patch grid the model makes: at least one visible patch, and targets a norm can be taken of."""
+        m = recipe.model
+        n = (m.img_size // m.patch_size) ** 2
+        keep = int(n * (1 - self.mask_ratio))  # as pretrain.objectives.mae.num_kept (MAE's random_masking)
+        _check(keep >= 1, f"objective.mae.mask_ratio={self.mask_ratio}: keeps int({n} x (1 - {self.mask_ratio})) = "
+               f"{keep} of the {n} patches that model.img_size={m.img_size} / model.patch_size={m.patch_size} make; "
+               f"the encoder needs at least one visible patch: mask_ratio <= 1 - 1/{n} = {1 - 1 / n:.4g}")
+        if self.norm_pix_loss:
+            _check(m.patch_size**2 * m.in_chans >= 2, "objective.mae.norm_pix_loss=true: a patch of "
+                   f"model.patch_size={m.patch_size} x model.in_chans={m.in_chans} has one value and no variance; "
+                   "use a larger patch or objective.mae.norm_pix_loss=false")
+        _stats_fit("objective.mae", self.mean, m.in_chans)
 
 
 @dataclass
@@ -142,48 +238,58 @@ class DINOConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     global_crop_size: int = 0  # 0 = model.img_size
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    global_crops_scale: list[float] = _f([0.4, 1.0], length=2)
     local_crops_number: int = 8
     local_crop_size: int = 96
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crops_scale: list[float] = _f([0.05, 0.4], length=2)
     hflip: bool = True
     color_jitter_prob: float = 0.8  # RGB: brightness/contrast/saturation/hue; 1 channel: brightness/contrast
     grayscale_prob: float = 0.2  # RGB only
-    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
+    blur_prob: list[float] = _f([1.0, 0.1, 0.5], length=3)  # global 1, global 2, locals
     solarize_prob: float = 0.2  # global 2 only
-    mean: list[float] = field(default_factory=list)  # per-channel Normalize; [] = ImageNet (gray: its average)
-    std: list[float] = field(default_factory=list)
+    # per-channel Normalize; [] = ImageNet (gray: its average)
+    mean: list[float] = _f([], example=[0.485, 0.456, 0.406])
+    std: list[float] = _f([], example=[0.229, 0.224, 0.225])
     collapse_warn_std: float = 0.05  # warn when embedding std x sqrt(dim) falls below this (1 = spread out)
     collapse_warn_every: int = 100  # steps between two collapse warnings
 
     def validate(self) -> None:
+        p = "objective.dino."
         for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
-            _check(getattr(self, name) >= 1, f"objective.dino.{name}={getattr(self, name)}: must be >= 1")
-        _check(self.freeze_last_layer >= 0, "objective.dino.freeze_last_layer must be >= 0")
-        _check(0.0 <= self.momentum_teacher <= 1.0, "objective.dino.momentum_teacher must be in [0, 1]")
+            _min(p + name, getattr(self, name), 1)
+        _min(p + "freeze_last_layer", self.freeze_last_layer, 0, note=" (epochs; 0 = never frozen)")
+        _within(p + "momentum_teacher", self.momentum_teacher, 0.0, 1.0)
         for name in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
-            _check(getattr(self, name) > 0, f"objective.dino.{name}={getattr(self, name)}: must be > 0")
-        _check(self.warmup_teacher_temp_epochs >= 0, "objective.dino.warmup_teacher_temp_epochs must be >= 0")
-        _check(0.0 <= self.center_momentum < 1.0, "objective.dino.center_momentum must be in [0, 1)")
-        _check(self.global_crop_size >= 0, "objective.dino.global_crop_size must be >= 0 (0 = model.img_size)")
-        _check(self.local_crops_number >= 0, "objective.dino.local_crops_number must be >= 0")
-        _check(self.local_crop_size > 0, "objective.dino.local_crop_size must be > 0")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            v = getattr(self, name)
-            _check(len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0,
-                   f"objective.dino.{name}={v}: two values with 0 < min <= max <= 1")
-        _check(len(self.blur_prob) == 3, f"objective.dino.blur_prob={self.blur_prob}: three probabilities "
-               "(global 1, global 2, locals)")
-        for name, v in (("color_jitter_prob", self.color_jitter_prob), ("grayscale_prob", self.grayscale_prob),
-                        ("solarize_prob", self.solarize_prob), *(("blur_prob", b) for b in self.blur_prob)):
-            _check(0.0 <= v <= 1.0, f"objective.dino.{name}={v}: a probability in [0, 1]")
-        _check(
-            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
-            f"objective.dino.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
-        )
-        _check(all(s > 0 for s in self.std), f"objective.dino.std={self.std}: must be > 0")
-        _check(self.collapse_warn_std >= 0, "objective.dino.collapse_warn_std must be >= 0")
-        _check(self.collapse_warn_every >= 1, "objective.dino.collapse_warn_every must be >= 1")
+            _min(p + name, getattr(self, name), 0, strict=True)
+        _min(p + "warmup_teacher_temp_epochs", self.warmup_teacher_temp_epochs, 0)
+        _within(p + "center_momentum", self.center_momentum, 0.0, 1.0, open_hi=True)
+        _min(p + "global_crop_size", self.global_crop_size, 0, note=" (0 = model.img_size)")
+        _min(p + "local_crops_number", self.local_crops_number, 0)
+        _min(p + "local_crop_size", self.local_crop_size, 0, strict=True)
+        _scale_range(p + "global_crops_scale", self.global_crops_scale)
+        _scale_range(p + "local_crops_scale", self.local_crops_scale)
+        _check(len(self.blur_prob) == 3, f"{p}blur_prob={_show(self.blur_prob)}: must be three probabilities "
+               f"(global 1, global 2, locals), e.g. {p}blur_prob=[1.0,0.1,0.5]")
+        for name in ("color_jitter_prob", "grayscale_prob", "solarize_prob"):
+            _within(p + name, getattr(self, name), 0.0, 1.0, note=" (a probability)")
+        _check(all(0.0 <= b <= 1.0 for b in self.blur_prob),
+               f"{p}blur_prob={_show(self.blur_prob)}: each must be in [0, 1] (a probability)")
+        _stats("objective.dino", self.mean, self.std)
+        _min(p + "collapse_warn_std", self.collapse_warn_std, 0)
+        _min(p + "collapse_warn_every", self.collapse_warn_every, 1)
+
+    def validate_recipe(self, recipe: Recipe) -> None:
+        """Crops go through the backbone's patch embedding: each must tile into whole patches."""
+        m = recipe.model
+        note = f" (0 = model.img_size={m.img_size})" if not self.global_crop_size else ""
+        _multiple_of_patch("objective.dino.global_crop_size", self.global_crop_size or m.img_size, m.patch_size, note)
+        if self.local_crops_number:
+            _multiple_of_patch("objective.dino.local_crop_size", self.local_crop_size, m.patch_size)
+        _stats_fit("objective.dino", self.mean, m.in_chans)
+
+
+# open_clip's BPE tokenizer emits ids below this; the text tower's embedding table must cover them.
+OPEN_CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass
@@ -193,7 +299,7 @@ class CLIPConfig:
     embed_dim: int = 512  # joint image-text embedding width
     proj_bias: bool = False  # bias in the image projection (open_clip's timm_proj_bias)
     text_context_length: int = 77  # tokens per caption: open_clip's tokenizer pads / truncates to this
-    text_vocab_size: int = 49408  # open_clip's BPE vocabulary; must cover every id its tokenizer emits
+    text_vocab_size: int = OPEN_CLIP_VOCAB_SIZE  # open_clip's BPE vocabulary; must cover every id its tokenizer emits
     text_width: int = 512
     text_heads: int = 8
     text_layers: int = 12
@@ -203,36 +309,34 @@ class CLIPConfig:
     local_loss: bool = True  # each rank's rows against all ranks' columns (open_clip --local-loss)
     gather_with_grad: bool = True  # all-gather features with their gradient (open_clip --gather-with-grad)
     captions: str = "auto"  # "captions" (.txt), "classes" (class names in data.caption_templates), "auto"
-    class_names: list[str] = field(default_factory=list)  # "classes": index -> name; [] = the train manifest's
-    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
+    # "classes": index -> name; [] = the train manifest's
+    class_names: list[str] = _f([], example=["t-shirt", "trouser"])
+    crop_scale: list[float] = _f([0.9, 1.0], length=2)  # RandomResizedCrop area range
     hflip: bool = False
-    mean: list[float] = field(default_factory=list)  # per-channel Normalize; [] = ImageNet (gray: its average)
-    std: list[float] = field(default_factory=list)
+    # per-channel Normalize; [] = ImageNet (gray: its average)
+    mean: list[float] = _f([], example=[0.485, 0.456, 0.406])
+    std: list[float] = _f([], example=[0.229, 0.224, 0.225])
 
     def validate(self) -> None:
-        for key in ("embed_dim", "text_context_length", "text_vocab_size", "text_width", "text_heads", "text_layers"):
-            _check(getattr(self, key) >= 1, f"objective.clip.{key}={getattr(self, key)}: must be >= 1")
+        p = "objective.clip."
+        for key in ("embed_dim", "text_width", "text_heads", "text_layers"):
+            _min(p + key, getattr(self, key), 1)
         _check(
             self.text_width % self.text_heads == 0,
-            f"objective.clip.text_width={self.text_width} is not divisible by text_heads={self.text_heads}",
+            f"objective.clip.text_width={self.text_width} is not divisible by objective.clip.text_heads={self.text_heads}",
         )
-        _check(self.text_context_length >= 3, "objective.clip.text_context_length must be >= 3 (start, a token, end)")
-        _check(self.text_mlp_ratio > 0, "objective.clip.text_mlp_ratio must be > 0")
-        _check(self.max_logit_scale > 1.0, f"objective.clip.max_logit_scale={self.max_logit_scale}: must be > 1")
-        _check(
-            0.0 <= self.init_logit_scale <= math.log(self.max_logit_scale),
-            f"objective.clip.init_logit_scale={self.init_logit_scale}: must be in [0, log(max_logit_scale)]",
-        )
+        _min(p + "text_context_length", self.text_context_length, 3, note=" (start, a token, end)")
+        _check(self.text_vocab_size >= OPEN_CLIP_VOCAB_SIZE,
+               f"objective.clip.text_vocab_size={self.text_vocab_size} is smaller than open_clip's tokenizer "
+               f"vocabulary: must be >= {OPEN_CLIP_VOCAB_SIZE}, or token ids would fall outside the embedding table")
+        _min(p + "text_mlp_ratio", self.text_mlp_ratio, 0, strict=True)
+        _min(p + "max_logit_scale", self.max_logit_scale, 1.0, strict=True)
+        hi = math.log(self.max_logit_scale)
+        _check(0.0 <= self.init_logit_scale <= hi, f"objective.clip.init_logit_scale={self.init_logit_scale}: must be in "
+               f"[0, log(objective.clip.max_logit_scale)] = [0, {hi:.6g}]")
         _one_of(self.captions, ("auto", "captions", "classes"), "objective.clip.captions")
-        _check(
-            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
-            f"objective.clip.crop_scale={self.crop_scale}: two values with 0 < min <= max <= 1",
-        )
-        _check(
-            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
-            f"objective.clip.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
-        )
-        _check(all(s > 0 for s in self.std), f"objective.clip.std={self.std}: must be > 0")
+        _scale_range(p + "crop_scale", self.crop_scale)
+        _stats("objective.clip", self.mean, self.std)
 
     def validate_recipe(self, recipe: Recipe) -> None:
         """Checks across sections: a contrastive batch cannot be accumulated from independent micro-batches."""
@@ -245,13 +349,15 @@ class CLIPConfig:
         )
         for t in recipe.data.caption_templates:
             _check(t.count("{}") == 1, f"data.caption_templates entry {t!r}: needs exactly one '{{}}' for the class name")
+        _stats_fit("objective.clip", self.mean, recipe.model.in_chans)
 
 
 @dataclass
 class SupervisedConfig:
     """Supervised fine-tuning (classification) of a backbone: backbone + head, cross-entropy, Mixup/CutMix."""
 
-    init_from: str = ""  # pretrained backbone to start from: run folder, checkpoint or export; "" = random init
+    # pretrained backbone to start from: run folder, checkpoint or export; "" = random init
+    init_from: str = _f("", example="runs/mae_vit_tiny_fmnist")
     num_classes: int = 0  # 0 = the class count in the train shards' manifest
     head: str = "linear"  # "linear" or "cosine" (downstream.heads.CosineClassifier)
     cosine_scale: float = 16.0  # cosine head: logits = scale * cos
@@ -263,30 +369,30 @@ class SupervisedConfig:
     mixup_prob: float = 1.0  # probability that a batch is mixed at all
     mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
     mixup_mode: str = "batch"  # timm Mixup mode: one lambda per "batch", "pair" or "elem"
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    crop_scale: list[float] = _f([0.08, 1.0], length=2)  # RandomResizedCrop area range
     hflip: bool = True
-    mean: list[float] = field(default_factory=list)  # [] = what the pretrained backbone recorded (else ImageNet's)
-    std: list[float] = field(default_factory=list)
+    # [] = what the pretrained backbone recorded (else ImageNet's)
+    mean: list[float] = _f([], example=[0.485, 0.456, 0.406])
+    std: list[float] = _f([], example=[0.229, 0.224, 0.225])
 
     def validate(self) -> None:
-        _check(self.num_classes >= 0, f"objective.supervised.num_classes={self.num_classes}: must be >= 0 (0 = auto)")
-        _one_of(self.head, ("linear", "cosine"), "objective.supervised.head")
-        _check(self.cosine_scale > 0, f"objective.supervised.cosine_scale={self.cosine_scale}: must be > 0")
-        _one_of(self.pool, ("cls", "mean"), "objective.supervised.pool")
-        _check(0.0 <= self.label_smoothing < 1.0, "objective.supervised.label_smoothing must be in [0, 1)")
-        _check(self.mixup >= 0 and self.cutmix >= 0, "objective.supervised.mixup/cutmix alphas must be >= 0")
+        p = "objective.supervised."
+        _check(self.num_classes == 0 or self.num_classes >= 2, f"{p}num_classes={self.num_classes}: must be >= 2 "
+               "(a classifier needs two classes), or 0 (the train manifest's class count)")
+        _one_of(self.head, ("linear", "cosine"), p + "head")
+        _min(p + "cosine_scale", self.cosine_scale, 0, strict=True)
+        _one_of(self.pool, ("cls", "mean"), p + "pool")
+        _within(p + "label_smoothing", self.label_smoothing, 0.0, 1.0, open_hi=True)
+        _min(p + "mixup", self.mixup, 0, note=" (a Beta alpha; 0 = off)")
+        _min(p + "cutmix", self.cutmix, 0, note=" (a Beta alpha; 0 = off)")
         for name in ("mixup_prob", "mixup_switch_prob"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"objective.supervised.{name} must be in [0, 1]")
-        _one_of(self.mixup_mode, ("batch", "pair", "elem"), "objective.supervised.mixup_mode")
-        _check(
-            len(self.crop_scale) == 2 and 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0,
-            f"objective.supervised.crop_scale={self.crop_scale}: two values with 0 < min <= max <= 1",
-        )
-        _check(
-            len(self.mean) == len(self.std) and len(self.mean) in (0, 1, 3),
-            f"objective.supervised.mean/std={self.mean}/{self.std}: equal lengths, 0 (default), 1 or 3 values",
-        )
-        _check(all(s > 0 for s in self.std), f"objective.supervised.std={self.std}: must be > 0")
+            _within(p + name, getattr(self, name), 0.0, 1.0, note=" (a probability)")
+        _one_of(self.mixup_mode, ("batch", "pair", "elem"), p + "mixup_mode")
+        _scale_range(p + "crop_scale", self.crop_scale)
+        _stats("objective.supervised", self.mean, self.std)
+
+    def validate_recipe(self, recipe: Recipe) -> None:
+        _stats_fit("objective.supervised", self.mean, recipe.model.in_chans)
 
 
 @dataclass
@@ -313,7 +419,7 @@ class OptimConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     weight_decay_end: float = -1.0  # cosine schedule of weight decay to this value; -1 = constant
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = _f([0.9, 0.95], length=2)
     eps: float = 1e-8
     momentum: float = 0.9  # SGD-family optimizers
     warmup_epochs: float = 0.0
@@ -323,15 +429,25 @@ class OptimConfig:
     layer_decay: float = 0.0  # layer-wise lr decay (fine-tuning); 0 = off
 
     def validate(self) -> None:
-        _check(self.base_lr > 0, f"optim.base_lr={self.base_lr}: must be > 0")
-        _check(self.min_lr >= 0, f"optim.min_lr={self.min_lr}: must be >= 0")
-        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}: must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optim.betas={self.betas}: two values in [0, 1)")
-        _check(self.eps > 0, "optim.eps must be > 0")
-        _check(self.warmup_epochs >= 0 and self.warmup_steps >= 0, "optim warmup must be >= 0")
-        _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0")
-        _check(self.accum_steps >= 1, f"optim.accum_steps={self.accum_steps}: must be >= 1")
-        _check(0 <= self.layer_decay <= 1, "optim.layer_decay must be in [0, 1]")
+        _check(bool(self.name.strip()), f"optim.name={_show(self.name)}: must name a timm optimizer, e.g. optim.name=adamw")
+        _min("optim.base_lr", self.base_lr, 0, strict=True)
+        _min("optim.min_lr", self.min_lr, 0)
+        _min("optim.weight_decay", self.weight_decay, 0)
+        _check(self.weight_decay_end == -1 or self.weight_decay_end >= 0,
+               f"optim.weight_decay_end={self.weight_decay_end}: must be >= 0, or -1 (constant weight decay)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas={_show(self.betas)}: must be two values in [0, 1), e.g. optim.betas=[0.9,0.95]")
+        _min("optim.eps", self.eps, 0, strict=True)
+        _within("optim.momentum", self.momentum, 0.0, 1.0, open_hi=True)
+        _min("optim.warmup_epochs", self.warmup_epochs, 0)
+        _min("optim.warmup_steps", self.warmup_steps, 0, note=" (0 = optim.warmup_epochs decides)")
+        _min("optim.clip_grad", self.clip_grad, 0, note=" (0 = off)")
+        _min("optim.accum_steps", self.accum_steps, 1)
+        _within("optim.layer_decay", self.layer_decay, 0.0, 1.0, note=" (0 = off)")
+
+
+# Each rank seeds numpy with run.seed + 1 + 1000 x rank, and numpy takes seeds below 2**32: leave room for ranks.
+MAX_SEED = 2**31 - 1
 
 
 @dataclass
@@ -345,13 +461,13 @@ class RunConfig:
     fit_to_max_minutes: bool = False
     seed: int = 0
     precision: str = "no"  # "no", "bf16" or "fp16" (fp16 uses a grad scaler)
-    checkpoint_every_steps: int = 0
-    checkpoint_every_minutes: float = 0.0
+    checkpoint_every_steps: int = 0  # 0 = off
+    checkpoint_every_minutes: float = 0.0  # 0 = off
     keep_last: int = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "never", or a checkpoint path
     log_every: int = 10
     nonfinite_patience: int = 5  # this many non-finite losses in a row: reload last good checkpoint and stop
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = _f(["tensorboard"])
     progress: bool = True
     visualize: bool = True  # objective PNG (MAE reconstructions, ...) at the end of the run
     cpu: bool = False  # force CPU even where a GPU is present
@@ -361,17 +477,36 @@ class RunConfig:
     fsdp: bool = False
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, f"run.epochs={self.epochs}: must be >= 1")
-        _check(self.max_steps >= 0 and self.max_minutes >= 0, "run.max_steps and run.max_minutes must be >= 0")
-        _check(not self.fit_to_max_minutes or self.max_minutes > 0, "run.fit_to_max_minutes=true needs run.max_minutes > 0")
+        _check(bool(self.out_dir.strip()), f"run.out_dir={_show(self.out_dir)}: must name a folder, e.g. run.out_dir=runs/x")
+        _min("run.epochs", self.epochs, 1)
+        _min("run.max_steps", self.max_steps, 0, note=" (0 = run.epochs decides)")
+        _min("run.max_minutes", self.max_minutes, 0, note=" (0 = no limit)")
+        _check(not self.fit_to_max_minutes or self.max_minutes > 0,
+               f"run.fit_to_max_minutes=true needs run.max_minutes > 0 (got run.max_minutes={self.max_minutes})")
+        _within("run.seed", self.seed, 0, MAX_SEED)
         _one_of(self.precision, ("no", "bf16", "fp16"), "run.precision")
-        _check(self.keep_last >= 1, "run.keep_last must be >= 1")
-        _check(self.log_every >= 1, "run.log_every must be >= 1")
-        _check(self.nonfinite_patience >= 1, "run.nonfinite_patience must be >= 1")
+        _min("run.checkpoint_every_steps", self.checkpoint_every_steps, 0, note=" (0 = off)")
+        _min("run.checkpoint_every_minutes", self.checkpoint_every_minutes, 0, note=" (0 = off)")
+        _min("run.keep_last", self.keep_last, 1)
+        _check(bool(self.resume.strip()), f"run.resume={_show(self.resume)}: must be 'auto', 'never' or a checkpoint path")
+        _min("run.log_every", self.log_every, 1)
+        _min("run.nonfinite_patience", self.nonfinite_patience, 1)
         _check(not (self.fsdp and self.compile), "run.fsdp=true with run.compile=true is not supported yet (compile "
                "would have to follow the sharding, which is untested here): pick one")
         for t in self.trackers:
             _one_of(t, ("tensorboard", "jsonl", "wandb", "mlflow", "comet_ml", "aim", "clearml"), "run.trackers[]")
+
+
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Every float of every section (list entries too) is a finite number: nan slips past range checks."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+            continue
+        values = value if isinstance(value, list) else [value]
+        _check(all(math.isfinite(v) for v in values if isinstance(v, float)),
+               f"{key}={_show(value)}: {'every value ' if isinstance(value, list) else ''}must be a finite number")
 
 
 @dataclass
@@ -383,9 +518,10 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> Recipe:
+        _check_finite(self, "")
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        # An objective's config may check other sections too (CLIP refuses gradient accumulation).
+        # An objective's config checks other sections too: the model's patch grid (MAE, DINO), CLIP's batch.
         sub = getattr(self.objective, self.objective.name, None)
         if hasattr(sub, "validate_recipe"):
             sub.validate_recipe(self)
@@ -430,10 +566,131 @@ def _find_unknown(schema: DictConfig, data: Any, prefix: str = "") -> str | None
     return None
 
 
+_NO_VALUE = object()
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _field_at(key: str) -> tuple[Any, dataclasses.Field | None]:
+    """The declared type and dataclass field of a dotted recipe key (`optim.betas`); (None, None) if unknown."""
+    cls: Any = Recipe
+    tp: Any = Recipe
+    fld: dataclasses.Field | None = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in _hints(cls):
+            return None, None
+        tp = _hints(cls)[part]
+        fld = next(f for f in dataclasses.fields(cls) if f.name == part)
+        cls = tp
+    return tp, fld
+
+
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "floats"), bool: ("true or false", "booleans"),
+          str: ("a string", "strings")}
+
+
+def _describe(tp: Any, fld: dataclasses.Field | None) -> str:
+    """`optim.betas` -> 'a list of 2 floats'; a section -> 'a section (a mapping of its keys: [...])'."""
+    if dataclasses.is_dataclass(tp):
+        return f"a section (a mapping of its keys: {sorted(f.name for f in dataclasses.fields(tp))})"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        n = fld.metadata.get("length") if fld is not None else None
+        return f"a list of {f'{n} ' if n else ''}{_NOUNS[args[0]][1]}"
+    if type(None) in args:  # Optional[X]
+        inner = next(a for a in args if a is not type(None))
+        return f"{_describe(inner, fld)} or null"
+    return _NOUNS[tp][0]
+
+
+def _flow(value: Any, top: bool = True) -> str:
+    """A value as one writes it after `key=` on the command line (YAML flow style)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_flow(v, top=False) for v in value) + "]"
+    if isinstance(value, str):
+        plain = value and top and not any(c in value for c in " ,[]{}:'\"#")
+        return value if plain else repr(value)
+    return repr(value)
+
+
+def _example(key: str, tp: Any, fld: dataclasses.Field | None) -> str:
+    if dataclasses.is_dataclass(tp):
+        first = dataclasses.fields(tp)[0]
+        return _example(f"{key}.{first.name}", *_field_at(f"{key}.{first.name}"))
+    value: Any = None
+    if fld is not None:
+        value = fld.metadata.get("example")
+        if value is None:
+            value = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
+    return f", e.g. {key}={_flow(value)}" if value not in (None, "", []) else ""
+
+
+def _type_message(key: str, value: Any) -> str:
+    """`optim.betas='abc': expected a list of 2 floats, e.g. optim.betas=[0.9,0.95]`."""
+    tp, fld = _field_at(key)
+    given = "" if value is _NO_VALUE else f"={_show(value)}"
+    return f"{key}{given}: expected {_describe(tp, fld)}{_example(key, tp, fld)}"
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _NO_VALUE
+        data = data[part]
+    return data
+
+
+def _is_str(tp: Any) -> bool:
+    return tp is str or set(typing.get_args(tp)) == {str, type(None)}
+
+
+def _check_shapes(cls: Any, data: dict, where: str, prefix: str = "") -> dict:
+    """Sections must be mappings, lists lists and scalars scalars (OmegaConf's own errors for these name no key).
+    An empty section (`mae:` with everything commented out) means its defaults. Returns the cleaned data."""
+    out = {}
+    for k, v in data.items():
+        key, tp = f"{prefix}{k}", _hints(cls)[k]
+        if dataclasses.is_dataclass(tp):
+            if v is None:
+                continue
+            _check(isinstance(v, dict), where + _type_message(key, v))
+            out[k] = _check_shapes(tp, v, where, f"{key}.")
+            continue
+        is_list = typing.get_origin(tp) is list
+        _check(isinstance(v, list) if is_list else not isinstance(v, dict | list), where + _type_message(key, v))
+        # YAML 1.1 reads an unquoted no/yes/on/off as a boolean; a string field would silently get 'False'.
+        _check(not (_is_str(tp) and isinstance(v, bool)), f"{where}{key}={_show(v)}: expected a string, and YAML read "
+               f"the unquoted word as a boolean: quote it, e.g. {k}: \"no\"")
+        out[k] = v
+    return out
+
+
+def _merge(base: DictConfig, data: dict, where: str) -> DictConfig:
+    """Merge one layer (the YAML file, or one override) onto the typed config; a value OmegaConf cannot convert
+    becomes one message: the full key, the value given, the type expected and an example."""
+    data = _check_shapes(Recipe, data, where)
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(data))  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        raise RecipeError(where + _explain_key_error(base, str(e.full_key))) from None
+    except (OmegaConfBaseException, TypeError) as e:
+        key = re.sub(r"\[\d+\]", "", str(getattr(e, "full_key", None) or ""))  # optim.betas[1] -> optim.betas
+        if key and _field_at(key)[0] is not None:
+            raise RecipeError(where + _type_message(key, _lookup(data, key))) from None
+        raise RecipeError(where + str(e).splitlines()[0]) from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe (or the defaults when `path` is None), apply `key=value` overrides, validate."""
     schema = OmegaConf.structured(Recipe)
-    layers = []
+    merged = schema
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -444,21 +701,26 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         unknown = _find_unknown(schema, data)
         if unknown:
             raise RecipeError(f"{p}: {_explain_key_error(schema, unknown)}")
-        layers.append(OmegaConf.create(data))
-    overrides = list(overrides or [])
-    for o in overrides:
+        merged = _merge(merged, data, f"{p}: ")
+    for o in overrides or []:
         if "=" not in o:
             raise RecipeError(f"override {o!r} is not of the form section.key=value")
-        key = o.split("=", 1)[0].lstrip("+")
+        o = o.lstrip("+")  # hydra's "add a key": every key of a recipe already exists
+        key = o.split("=", 1)[0]
         if _find_unknown(schema, _nest(key)):
             raise RecipeError(f"override {o!r}: {_explain_key_error(schema, key)}")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(overrides))
+        # One override at a time, so a type error names the value that override gave.
+        layer: Any = OmegaConf.to_container(OmegaConf.from_dotlist([o]))
+        node = layer
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        if _is_str(_field_at(key)[0]) and isinstance(node[parts[-1]], bool | int | float):
+            # A string field keeps what was typed: `run.precision=no` is "no", not YAML's False -> 'False'.
+            node[parts[-1]] = o.split("=", 1)[1]
+        merged = _merge(merged, layer, "")
     try:
-        merged = OmegaConf.merge(schema, *layers)
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except ConfigKeyError as e:
-        raise RecipeError(_explain_key_error(schema, str(e.full_key))) from None
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise RecipeError(f"{e.full_key}: {msg}" if getattr(e, "full_key", None) else msg) from None

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import timm
 import torch
 
+from pretrain.backbone import load_backbone, model_from_config
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_model_state
 
 
@@ -39,15 +39,16 @@ def load_backbone_from(path: str | Path) -> torch.nn.Module:
     """A timm VisionTransformer with the trained weights, in eval mode."""
     d = resolve_weights_dir(path)
     if (d / "config.json").is_file():
-        from pretrain.backbone import load_backbone
-
         model = load_backbone(d)
     else:
         try:
             config = json.loads((d / "backbone_config.json").read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{d / 'backbone_config.json'} is corrupt: {e}") from e
-        model = timm.create_model(**config)
+        try:  # only architecture keys reach timm: never `pretrained`, a checkpoint path or a hub name
+            model = model_from_config(config, d / "backbone_config.json")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         state = load_model_state(d)
         sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
         if not sub:

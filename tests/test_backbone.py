@@ -13,6 +13,7 @@ from timm.data import resolve_model_data_config
 from timm.models.vision_transformer import VisionTransformer
 
 from pretrain.backbone import (
+    ALLOWED_CONFIG_KEYS,
     CONFIG_FILE,
     WEIGHTS_FILE,
     backbone_config,
@@ -22,6 +23,7 @@ from pretrain.backbone import (
     forward_masked,
     forward_visible,
     load_backbone,
+    model_from_config,
     sincos_2d_pos_embed,
 )
 from pretrain.recipe import ModelConfig, RecipeError
@@ -313,3 +315,45 @@ def test_load_bad_config(model, tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps({"model_name": "resnet18", "pretrained": False}))
     with pytest.raises(ValueError, match="not a timm VisionTransformer"):
         load_backbone(out)
+
+
+# An exported config.json is untrusted input: only architecture keys may reach timm.create_model.
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"checkpoint_path": "/etc/other_weights.pth"}, "checkpoint_path"),
+        ({"pretrained": True}, "pretrained"),
+        ({"pretrained_cfg": {"file": "/tmp/x.pth"}}, "pretrained_cfg"),
+        ({"cache_dir": "/tmp"}, "cache_dir"),
+        ({"pretrained_cfg_overlay": {"input_size": [1, 28, 28], "url": "http://x"}}, "pretrained_cfg_overlay.url"),
+    ],
+)
+def test_load_refuses_non_architecture_keys(model, tmp_path, extra, key):
+    out = export_backbone(model, tmp_path / "e", mean=[0.286], std=[0.353])
+    config = json.loads((out / CONFIG_FILE).read_text())
+    if "pretrained_cfg_overlay" in extra:  # a foreign field inside the data-statistics overlay
+        config["pretrained_cfg_overlay"].update(extra["pretrained_cfg_overlay"])
+    else:
+        config.update(extra)
+    (out / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        load_backbone(out)
+    msg = str(e.value)
+    assert key in msg and CONFIG_FILE in msg
+    if key != "pretrained" and "." not in key:
+        assert "allowed keys" in msg and "embed_dim" in msg  # says what would have been accepted
+
+
+def test_load_refuses_hub_and_path_model_names(tmp_path):
+    for name in ("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:/tmp/elsewhere"):
+        with pytest.raises(ValueError, match="not a model in timm's registry"):
+            model_from_config({"model_name": name}, tmp_path / CONFIG_FILE)
+
+
+def test_export_writes_only_allowed_keys_and_round_trips(model, tmp_path):
+    out = export_backbone(model, tmp_path / "e", mean=[0.286], std=[0.353])
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert set(config) <= set(ALLOWED_CONFIG_KEYS) and config["pretrained"] is False
+    loaded = load_backbone(out).eval()
+    torch.testing.assert_close(loaded(images()), model(images()), atol=0, rtol=0)
+    assert list(resolve_model_data_config(loaded)["mean"]) == [0.286]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.recipe import Recipe, RecipeError, load_recipe
 
@@ -94,3 +95,175 @@ def test_mae_paper_recipe_matches_the_paper():
     assert r.run.epochs == 800
     # global batch 4096 on the 8-GPU launch config the recipe names
     assert r.data.batch_size * 8 * o.accum_steps == 4096
+
+
+# --- every range and geometry check names the full key and the value given -----------------------------------
+
+DINO = ["objective.name=dino"]
+CLIP = ["objective.name=clip"]
+SUP = ["objective.name=supervised"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["run.checkpoint_every_steps=-5"], "run.checkpoint_every_steps=-5: must be >= 0"),
+        (["run.checkpoint_every_minutes=-1"], "run.checkpoint_every_minutes=-1"),
+        (["run.keep_last=0"], "run.keep_last=0: must be >= 1"),
+        (["run.max_steps=-1"], "run.max_steps=-1"),
+        (["run.max_minutes=-2"], "run.max_minutes=-2"),
+        (["run.max_minutes=inf"], "run.max_minutes=inf: must be a finite number"),
+        (["run.log_every=0"], "run.log_every=0"),
+        (["run.nonfinite_patience=0"], "run.nonfinite_patience=0"),
+        (["run.seed=-1"], "run.seed=-1: must be in [0, "),
+        (["run.out_dir=''"], "run.out_dir='': must name a folder"),
+        (["data.epoch_samples=-1"], "data.epoch_samples=-1: must be >= 0"),
+        (["data.shuffle_buffer=-1"], "data.shuffle_buffer=-1: must be >= 0"),
+        (["data.mode=resampled"], "data.epoch_samples=0: data.mode='resampled' needs"),
+        (["model.img_size=0"], "model.img_size=0: must be > 0"),
+        (["model.patch_size=0"], "model.patch_size=0: must be > 0"),
+        (["model.img_size=30"], "model.img_size=30 is not a multiple of model.patch_size=16: images must tile into "
+                                "whole patches, e.g. model.img_size=16 or 32"),
+        (["model.embed_dim=-8"], "model.embed_dim=-8: must be >= 0"),
+        (["model.depth=-1"], "model.depth=-1"),
+        (["model.num_heads=-2"], "model.num_heads=-2"),
+        (["model.mlp_ratio=-1"], "model.mlp_ratio=-1"),
+        (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5: must be in [0, 1)"),
+        (["model.embed_dim=30", "model.num_heads=3", "model.pos_embed=sincos"], "model.embed_dim=30: model.pos_embed"),
+        (["objective.mae.decoder_embed_dim=0"], "objective.mae.decoder_embed_dim=0: must be > 0"),
+        (["objective.mae.decoder_depth=0"], "objective.mae.decoder_depth=0: must be >= 1"),
+        (["objective.mae.decoder_num_heads=0"], "objective.mae.decoder_num_heads=0"),
+        (["objective.mae.decoder_embed_dim=30", "objective.mae.decoder_num_heads=4"],
+         "objective.mae.decoder_embed_dim=30 is not divisible by objective.mae.decoder_num_heads=4"),
+        # 16x16 images in 8x8 patches: 4 patches, and int(4 x 0.2) = 0 stay visible
+        (["model.img_size=16", "model.patch_size=8", "objective.mae.mask_ratio=0.8"],
+         "objective.mae.mask_ratio=0.8: keeps int(4 x (1 - 0.8)) = 0"),
+        (["model.in_chans=1", "objective.mae.mean=[0.1,0.2,0.3]", "objective.mae.std=[1.0,1.0,1.0]"],
+         "objective.mae.mean=[0.1,0.2,0.3]: 3 values for model.in_chans=1"),
+        ([*DINO, "objective.dino.freeze_last_layer=-1"], "objective.dino.freeze_last_layer=-1: must be >= 0"),
+        ([*DINO, "objective.dino.momentum_teacher=1.5"], "objective.dino.momentum_teacher=1.5: must be in [0, 1]"),
+        ([*DINO, "objective.dino.center_momentum=1.0"], "objective.dino.center_momentum=1: must be in [0, 1)"),
+        ([*DINO, "objective.dino.global_crop_size=-16"], "objective.dino.global_crop_size=-16: must be >= 0"),
+        ([*DINO, "objective.dino.local_crops_number=-1"], "objective.dino.local_crops_number=-1: must be >= 0"),
+        ([*DINO, "objective.dino.local_crop_size=0"], "objective.dino.local_crop_size=0: must be > 0"),
+        ([*DINO, "objective.dino.warmup_teacher_temp_epochs=-1"], "objective.dino.warmup_teacher_temp_epochs=-1"),
+        ([*DINO, "objective.dino.collapse_warn_every=0"], "objective.dino.collapse_warn_every=0"),
+        ([*DINO, "objective.dino.collapse_warn_std=-1"], "objective.dino.collapse_warn_std=-1"),
+        ([*CLIP, "objective.clip.text_context_length=2"], "objective.clip.text_context_length=2: must be >= 3"),
+        ([*CLIP, "objective.clip.text_mlp_ratio=0"], "objective.clip.text_mlp_ratio=0"),
+        ([*CLIP, "objective.clip.text_vocab_size=100"], "objective.clip.text_vocab_size=100 is smaller"),
+        ([*SUP, "objective.supervised.num_classes=1"], "objective.supervised.num_classes=1: must be >= 2"),
+        ([*SUP, "objective.supervised.label_smoothing=1.0"], "objective.supervised.label_smoothing=1: must be in [0, 1)"),
+        ([*SUP, "objective.supervised.mixup=-1"], "objective.supervised.mixup=-1"),
+        ([*SUP, "objective.supervised.cutmix=-1"], "objective.supervised.cutmix=-1"),
+        ([*SUP, "objective.supervised.mixup_prob=2"], "objective.supervised.mixup_prob=2"),
+        (["optim.momentum=1.5"], "optim.momentum=1.5: must be in [0, 1)"),
+        (["optim.warmup_epochs=-1"], "optim.warmup_epochs=-1: must be >= 0"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be >= 0"),
+        (["optim.eps=0"], "optim.eps=0"),
+        (["optim.clip_grad=-1"], "optim.clip_grad=-1"),
+        (["optim.layer_decay=2"], "optim.layer_decay=2"),
+        (["optim.weight_decay_end=-0.5"], "optim.weight_decay_end=-0.5: must be >= 0, or -1"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_bad_values_name_full_key_value_and_bound(overrides, fragment):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, overrides)
+    assert fragment in str(e.value)
+
+
+def test_dino_crops_must_tile_into_patches_at_load():
+    base = [*DINO, "model.img_size=28", "model.patch_size=7"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [*base, "objective.dino.local_crop_size=16"])
+    msg = str(e.value)
+    assert "objective.dino.local_crop_size=16 is not a multiple" in msg and "model.patch_size=7" in msg
+    assert "14 or 21" in msg  # what would be allowed
+    with pytest.raises(RecipeError, match=r"objective.dino.global_crop_size=30 is not a multiple.*patch_size=7"):
+        load_recipe(None, [*base, "objective.dino.local_crop_size=14", "objective.dino.global_crop_size=30"])
+    r = load_recipe(None, [*base, "objective.dino.local_crop_size=14"])  # global 0 = model.img_size = 28
+    assert (r.objective.dino.global_crop_size, r.objective.dino.local_crop_size) == (0, 14)
+    # no local crops: their size is never used, so it is not checked
+    assert load_recipe(None, [*base, "objective.dino.local_crops_number=0"]).objective.dino.local_crop_size == 96
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.betas=abc", "optim.betas='abc': expected a list of 2 floats, e.g. optim.betas=[0.9,0.95]"),
+        ("optim.betas=[0.9,x]", "optim.betas=[0.9,'x']: expected a list of 2 floats"),
+        ("optim.betas={a: 1}", "optim.betas={'a': 1}: expected a list of 2 floats"),
+        ("optim.base_lr=fast", "optim.base_lr='fast': expected a number, e.g. optim.base_lr=0.00015"),
+        ("data.batch_size=1.5", "data.batch_size=1.5: expected an integer, e.g. data.batch_size=64"),
+        ("run.cpu=maybe", "run.cpu='maybe': expected true or false, e.g. run.cpu=false"),
+        ("data.train=[1]", "data.train=[1]: expected a string, e.g. data.train=data/fmnist/train"),
+        ("model.img_size=null", "model.img_size=null: expected an integer, e.g. model.img_size=224"),
+        ("objective.mae.mean=x", "objective.mae.mean='x': expected a list of floats, e.g. objective.mae.mean=[0.485"),
+        ("optim=5", "optim=5: expected a section"),
+    ],
+)
+def test_type_errors_name_key_value_type_and_example(override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert message in str(e.value)
+
+
+def test_type_error_in_yaml_names_file_key_and_value(tmp_path):
+    p = write(tmp_path, "optim:\n  betas: [0.9, high]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(e.value).startswith(f"{p}: optim.betas=[0.9,'high']: expected a list of 2 floats, e.g.")
+
+
+def test_string_fields_keep_yaml_words(tmp_path):
+    # YAML reads an unquoted `no` as false; on the command line a string field keeps the text typed
+    r = load_recipe(None, ["run.precision=no", "data.train=123", "run.resume=never"])
+    assert (r.run.precision, r.data.train, r.run.resume) == ("no", "123", "never")
+    # in a file the word is gone by the time we see it: say so, and how to quote it
+    with pytest.raises(RecipeError, match=r"run.precision=false: expected a string.*quote it, e.g. precision: \"no\""):
+        load_recipe(write(tmp_path, "run:\n  precision: no\n"))
+
+
+def test_empty_yaml_section_means_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, "objective:\n  name: mae\n  mae:\n    # nothing set\n"))
+    assert r.objective.mae.mask_ratio == 0.75
+
+
+@pytest.mark.parametrize("given", ["data.val=null", "data.val="])
+def test_data_val_null_or_empty_means_no_validation_set(given):
+    for overrides in ([given], ["data.val=''"], ["data.val=data/x/val", given]):  # '' keeps working too
+        assert load_recipe(None, overrides).data.val == ""  # one normalised value for every reader
+    assert load_recipe(None, [given, "data.val=data/x/val"]).data.val == "data/x/val"
+
+
+def test_data_val_null_in_yaml(tmp_path):
+    assert load_recipe(write(tmp_path, "data:\n  val: null\n")).data.val == ""
+    assert load_recipe(write(tmp_path, "data:\n  val:\n")).data.val == ""
+
+
+def test_allow_pipe_key_defaults_off():
+    assert load_recipe(None).data.allow_pipe is False
+    assert load_recipe(None, ["data.allow_pipe=true"]).data.allow_pipe is True
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def test_print_flag_anywhere(capsys):
+    from pretrain.__main__ import main
+
+    recipe = str(RECIPES / "quickstart_mae_digits.yaml")
+    for argv in ([recipe, "--print", "run.epochs=2"], ["--print", recipe, "run.epochs=2"], [recipe, "run.epochs=2", "--print"]):
+        assert main(argv) == 0, argv
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["run"]["epochs"] == 2 and printed["model"]["img_size"] == 16
+
+
+def test_print_runs_the_full_validation(capsys):
+    from pretrain.__main__ import main
+
+    recipe = str(RECIPES / "dino_vit_tiny_fmnist.yaml")
+    assert main([recipe, "--print", "objective.dino.local_crop_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.dino.local_crop_size=16 is not a multiple" in err and "model.patch_size=7" in err
