@@ -1,7 +1,8 @@
 """`python -m pretrain RECIPE.yaml [section.key=value ...]` (also under `accelerate launch -m pretrain ...`).
 
     python -m pretrain recipes/mae_vit_tiny_fmnist.yaml run.out_dir=runs/mae optim.base_lr=3e-4
-    python -m pretrain recipes/mae_vit_tiny_fmnist.yaml --print      # show the resolved recipe, run nothing
+    python -m pretrain recipes/mae_vit_tiny_fmnist.yaml --print      # check + show the resolved recipe, run nothing
+    python -m pretrain recipes/mae_vit_tiny_fmnist.yaml --print run.epochs=2   # flags go anywhere
     python -m pretrain export runs/mae --out exported/                # backbone -> safetensors + config.json
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pretrain.recipe import RecipeError, load_recipe
@@ -35,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=3e-4 run.out_dir=runs/x")
-    p.add_argument("--print", action="store_true", help="print the resolved recipe and exit")
-    a = p.parse_args(argv)
+    p.add_argument("--print", action="store_true",
+                   help="validate like a training run, print the resolved recipe and exit (anywhere on the line)")
+    # Intermixed: flags may come anywhere, e.g. `recipe.yaml --print run.epochs=2` (plain parse_args stops the
+    # overrides at the first flag and then refuses the rest as unrecognised).
+    a = p.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(a.recipe, a.overrides)
     except (RecipeError, FileNotFoundError) as e:
@@ -45,16 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.print:
         print(recipe.to_yaml())
         return 0
+    from pretrain.checkpoint import CheckpointError
     from pretrain.launch import LaunchError
-    from pretrain.trainer import TrainingDiverged, train
+    from pretrain.trainer import RunInputError, TrainingDiverged, train
 
     try:
         result = train(recipe)
-    except (LaunchError, TrainingDiverged) as e:
+    except RunInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (LaunchError, TrainingDiverged, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: str(v) if not isinstance(v, (int, float, list)) else v for k, v in result.__dict__.items()}, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.summary(), allow_nan=False))
     return 0
 
 

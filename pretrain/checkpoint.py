@@ -23,7 +23,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class TrainerState:
     wall_seconds: float = 0.0
     total_steps: int = 0  # the schedule's length once fitted to run.max_minutes (0: as the recipe plans it)
     warmup_steps: int = 0  # its warmup, fitted with it
+    skipped_total: int = 0  # unreadable samples the stream skipped, all ranks
+    skipped_per_epoch: list[int] = field(default_factory=list)
 
 
 # Full tensors, on the CPU, on rank 0 only (other ranks get empty dicts): what one writer needs.
@@ -205,7 +207,8 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; one clear message for all
-        raise CheckpointError(f"{path} is truncated, corrupt or holds more than plain tensors: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is truncated, corrupt or holds more than plain tensors ({first})") from e
 
 
 def load_checkpoint(
@@ -236,10 +239,21 @@ def load_checkpoint(
             # Written before checkpoints keyed the state by name: only the same unsharded model can take it.
             optimizer.load_state_dict(optim_state)
         else:
+            for g in optim_state.get("param_groups", []):
+                # Written by a trainer that flagged scheduled groups inside the optimizer (not a torch key); a
+                # fresh optimizer has no such key and torch refuses the load.
+                g.pop("_wd_scheduled", None)
             # strict=False: a parameter that has not been stepped yet (DINO freezes its last layer at first) has no
             # state, in the checkpoint as in a fresh optimizer.
             set_optimizer_state_dict(model, torch_optimizer(optimizer), optim_state,
                                      options=StateDictOptions(full_state_dict=True, strict=False))
+            # Loading into a fresh optimizer first initialises every parameter's state with a zero-lr step, so a
+            # parameter the checkpoint holds no state for (never stepped yet) would start its first real update
+            # with Adam's step count at 1, not 0. Drop that state: the parameter starts fresh, as it would have.
+            saved, opt = set(optim_state.get("state", {})), torch_optimizer(optimizer)
+            for name, p in accelerator.unwrap_model(model).named_parameters():
+                if name not in saved and p in opt.state:
+                    del opt.state[p]
     scaler = getattr(accelerator, "scaler", None)
     if scaler is not None and (ckpt / "scaler.pt").is_file():
         scaler.load_state_dict(_torch_load(ckpt / "scaler.pt"))

@@ -28,8 +28,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from pretrain.checkpoint import (
+    CheckpointError,
     TrainerState,
-    latest_checkpoint,
+    checkpoint_root,
+    list_checkpoints,
     load_checkpoint,
     load_model_state,
     read_trainer_state,
@@ -41,13 +43,17 @@ from pretrain.objectives import build_objective
 from pretrain.position import Launch, launch_of, translate
 from pretrain.recipe import Recipe, save_recipe
 from shards.atomic import write_text_atomic
-from shards.stream import ShardStream
+from shards.stream import ShardStream, StreamError, list_shards
 
 log = logging.getLogger("vitssl.trainer")
 
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint was reloaded."""
+
+
+class RunInputError(ValueError):
+    """A shard set the run would read is missing, empty or refused: found before any compute."""
 
 
 @dataclass
@@ -62,7 +68,17 @@ class TrainResult:
     samples_seen: int
     wall_seconds: float
     pictures: list[Path] = field(default_factory=list)
-    stopped_early: str = ""  # why the run ended before its schedule ("", "max_minutes", "signal")
+    stopped_early: str = ""  # why the run ended before its schedule ("", "max_minutes", "signal", "finished")
+    skipped_samples: int = 0  # unreadable samples the stream skipped, all ranks, whole run
+    skipped_per_epoch: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """As train_summary.json holds it: paths as strings, a missing loss as null (NaN is not JSON)."""
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        out["pictures"] = [str(p) for p in self.pictures]
+        if not math.isfinite(out["final_loss"]):
+            out["final_loss"] = None
+        return out
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -86,6 +102,23 @@ def _check_compile_possible(device: torch.device) -> None:
 # Shares of run.max_minutes at which run.fit_to_max_minutes re-measures the update rate; a machine that slows
 # down later in the run shortens the schedule again.
 FIT_POINTS = (0.03, 0.25, 0.5, 0.75, 0.9)
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Resolve every shard set the run reads (data.train now, data.val for the pictures at its end) before any
+    compute, so a wrong path fails at start instead of after the whole run."""
+    d = recipe.data
+    if not d.train:
+        raise RunInputError("data.train is empty: point it at a shard-set folder (see `python -m shards write`)")
+    for key, source in (("data.train", d.train), ("data.val", d.val)):
+        if not source:  # data.val is optional (null or ""): the pictures then use data.train
+            continue
+        try:
+            found = list_shards(source, allow_pipe=d.allow_pipe)
+        except (OSError, ValueError, StreamError) as e:
+            raise RunInputError(f"{key}={source!r} cannot be read: {e}") from None
+        if not any(count for _, count in found):
+            raise RunInputError(f"{key}={source!r} holds no samples ({len(found)} shards)")
 
 
 def _same_point(a: TrainerState, b: TrainerState) -> bool:
@@ -156,6 +189,7 @@ class Trainer:
         acc = self.accelerator
         self.is_main = acc.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
+        check_inputs(recipe)
 
         # Same initial weights on every rank; then a per-rank stream of randomness (masks, drop path; numpy and
         # python's too: timm's Mixup/CutMix draw from numpy), so a run repeats exactly.
@@ -164,8 +198,6 @@ class Trainer:
         set_seed(r.seed + 1 + 1000 * acc.process_index)
 
         d, o = recipe.data, recipe.optim
-        if not d.train:
-            raise ValueError("data.train is empty: point it at a shard-set folder (see `python -m shards write`)")
         self.stream = ShardStream(
             d.train,
             batch_size=d.batch_size,
@@ -181,6 +213,7 @@ class Trainer:
             world_size=acc.num_processes,
             max_bad_fraction=d.max_bad_fraction,
             require=tuple(self.objective.requires),
+            allow_pipe=d.allow_pipe,
         )
         self.batches_per_epoch = self.stream.batches_per_epoch()
         self.steps_per_epoch = self.batches_per_epoch // o.accum_steps
@@ -195,6 +228,8 @@ class Trainer:
         self.global_batch = self.launch.global_batch
         self.lr = scaled_lr(o.base_lr, self.global_batch)
         self.warmup_steps = o.warmup_steps or int(round(o.warmup_epochs * self.steps_per_epoch))
+        # The schedule as the recipe plans it: run.fit_to_max_minutes fits within this, never beyond it.
+        self.planned_steps, self.planned_warmup = self.total_steps, self.warmup_steps
 
         opt_kwargs: dict[str, Any] = {"eps": o.eps}
         if o.name.lower() in ("adamw", "adam", "lamb", "adan", "lion", "nadamw"):
@@ -211,6 +246,10 @@ class Trainer:
             **opt_kwargs,
         )
         self.scheduler = self._make_scheduler(self.optimizer)
+        # The groups whose weight decay optim.weight_decay_end schedules: those created with decay (no-decay groups
+        # of biases and norms stay at 0). Kept here, not as a flag in the param groups: a flag there would go into
+        # the checkpoint and a fresh optimizer could not load it.
+        self.wd_groups = [i for i, g in enumerate(self.optimizer.param_groups) if g.get("weight_decay", 0.0) > 0.0]
         if r.compile:
             _check_compile_possible(acc.device)
             # In place (nn.Module.compile): parameter names, checkpoints and the exported backbone stay the same.
@@ -242,25 +281,32 @@ class Trainer:
         self.scheduler = self._make_scheduler(self.optimizer)
 
     def _fit_schedule_to_time(self, steps_here: int, seconds_here: float) -> None:
-        """run.fit_to_max_minutes, at each of FIT_POINTS of the budget: shorten the schedule (warmup in proportion)
-        to the updates the rest of the time budget holds at the rate measured since the previous point, so the lr
-        decays fully instead of being cut off by run.max_minutes. Only ever shortened (the lr never climbs back);
-        the slowest rank decides; the fitted length is kept in checkpoints."""
+        """run.fit_to_max_minutes, at each of FIT_POINTS of the budget: fit the schedule (warmup in proportion) to
+        the updates the rest of the time budget holds at the rate measured since the previous point, so the lr
+        decays fully instead of being cut off by run.max_minutes. Re-fitted in both directions (a busy moment at
+        one measurement must not waste the rest of the budget), never beyond the recipe's own length; the slowest
+        rank decides; the fitted length is kept in checkpoints."""
         r = self.recipe.run
         remaining = max(0.0, 60 * r.max_minutes - self.state.wall_seconds)
-        # 5% margin: checkpoints, the final export and a machine that slows down later.
-        fits = torch.tensor([self.state.step + 0.95 * remaining * steps_here / max(seconds_here, 1e-9)],
-                            device=self.accelerator.device)
+        rate = torch.tensor([steps_here / max(seconds_here, 1e-9)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            fits = self.accelerator.gather(fits)
-        total = max(self.state.step + 1, int(fits.min()))
-        if total < self.total_steps:
+            rate = self.accelerator.gather(rate)
+        rate = float(rate.min())
+        # Shorten to what the rest of the budget holds with a 5% margin (checkpoints, the final export, a machine
+        # that slows down later). Lengthen only past 10% more, with a 10% margin: a late lengthening that the
+        # budget cannot hold would cut the cosine off after all.
+        total = min(self.planned_steps, max(self.state.step + 1, int(self.state.step + 0.95 * remaining * rate)))
+        if total >= self.total_steps:
+            longer = min(self.planned_steps, int(self.state.step + 0.9 * remaining * rate))
+            total = longer if longer > 1.1 * self.total_steps else self.total_steps
+        if total != self.total_steps:
             if self.is_main:
                 log.warning(
-                    f"run.max_minutes={r.max_minutes:g} holds about {total} of the {self.total_steps} scheduled updates "
-                    f"(measured {steps_here / seconds_here:.2f} updates/s): the lr schedule now ends at update {total}"
+                    f"run.max_minutes={r.max_minutes:g} holds about {total} of the recipe's {self.planned_steps} "
+                    f"updates (measured {rate:.2f} updates/s on the slowest rank): the lr schedule now ends at update "
+                    f"{total} (was {self.total_steps})"
                 )
-            self._set_schedule_length(total, round(self.warmup_steps * total / self.total_steps))
+            self._set_schedule_length(total, round(self.planned_warmup * total / self.planned_steps))
         self.state.total_steps, self.state.warmup_steps = self.total_steps, self.warmup_steps
 
     def _unwrapped(self):
@@ -272,19 +318,28 @@ class Trainer:
         o = self.recipe.optim
         if o.weight_decay_end >= 0:
             wd = cosine_value(o.weight_decay, o.weight_decay_end, step, self.total_steps)
-            for g in self.optimizer.param_groups:
-                if g.get("weight_decay", 0.0) > 0.0 or g.get("_wd_scheduled"):
-                    g["weight_decay"] = wd
-                    g["_wd_scheduled"] = True
+            for i in self.wd_groups:
+                self.optimizer.param_groups[i]["weight_decay"] = wd
         # With layer-wise lr decay the groups' lrs are scaled down from the schedule's; log the unscaled one.
         return max(g["lr"] for g in self.optimizer.param_groups)
 
-    def _any_rank(self, *flags: bool) -> list[bool]:
-        """Each flag True when it is True on any rank (skip/stop decisions every rank must share)."""
-        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.accelerator.device)
+    def _rank_sums(self, *values: float | bool) -> list[float]:
+        """Each value summed over the ranks (a flag: > 0 when it is True on any rank), in one all-reduce: the
+        decisions every rank must share and the counts every rank must agree on."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             t = self.accelerator.reduce(t, reduction="sum")
-        return [bool(v > 0) for v in t.tolist()]
+        return t.tolist()
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag True when it is True on any rank (skip/stop decisions every rank must share)."""
+        return [v > 0 for v in self._rank_sums(*flags)]
+
+    def _count_skipped(self, epoch: int, n: int) -> None:
+        per_epoch = self.state.skipped_per_epoch
+        per_epoch.extend([0] * (epoch + 1 - len(per_epoch)))
+        per_epoch[epoch] += n
+        self.state.skipped_total += n
 
     def _backbone_config(self) -> dict:
         from pretrain.backbone import backbone_config, with_data_stats
@@ -331,20 +386,61 @@ class Trainer:
         kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln and done(json.loads(ln))]
         write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
+    def _load_newest_readable(self) -> tuple[Path, TrainerState] | None:
+        """run.resume=auto: the newest checkpoint that loads. An unreadable one (truncated weights, a damaged
+        optimizer file, ...) is reported by name, kept (renamed `*.unreadable`, so neither pruning nor a later
+        save of the same step deletes it) and the previous one is tried."""
+        unreadable: list[tuple[Path, str]] = []
+        found = None
+        for ckpt in reversed(list_checkpoints(self.out_dir)):
+            try:
+                found = ckpt, load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
+                break
+            except CheckpointError as e:
+                unreadable.append((ckpt, str(e)))
+                log.warning(f"checkpoint {ckpt} is unreadable ({e}); trying the one before it")
+        self.accelerator.wait_for_everyone()  # every rank has tried the same ones before any is renamed
+        kept = []
+        for ckpt, _ in unreadable:
+            aside = ckpt.with_name(f"{ckpt.name}.unreadable")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = ckpt.with_name(f"{ckpt.name}.unreadable{n}")
+            if self.is_main:
+                ckpt.rename(aside)
+            kept.append(aside)
+        self.accelerator.wait_for_everyone()
+        if unreadable and found is None:
+            raise CheckpointError(
+                f"no checkpoint in {checkpoint_root(self.out_dir)} can be read ({len(unreadable)} tried, kept as "
+                f"{', '.join(p.name for p in kept)}; first problem: {unreadable[0][1]}). To start this run afresh "
+                f"set run.resume=never (or another run.out_dir); to resume from a copy elsewhere, run.resume=PATH"
+            )
+        if unreadable and self.is_main:
+            log.warning(f"resuming from {found[0].name}, the newest readable checkpoint; the unreadable ones are kept "
+                        f"as {', '.join(str(p) for p in kept)}")
+        return found
+
     def _resume(self) -> None:
         r = self.recipe.run
         if r.resume == "never":
             return
-        ckpt = latest_checkpoint(self.out_dir) if r.resume == "auto" else Path(r.resume)
-        if ckpt is None:
-            return
-        state = load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
+        if r.resume == "auto":
+            found = self._load_newest_readable()
+            if found is None:
+                return
+            ckpt, state = found
+        else:
+            ckpt = Path(r.resume)
+            state = load_checkpoint(self.accelerator, ckpt, model=self.model, optimizer=self.optimizer)
         self.last_checkpoint = ckpt
         self._truncate_metrics(state)
         old = launch_of(read_trainer_state(ckpt)[1]) or self.launch
         self.state = translate(state, old, self.launch, self.steps_per_epoch)
         if self.state.total_steps:  # a schedule fitted to run.max_minutes before the interruption
-            self._set_schedule_length(self.state.total_steps, self.state.warmup_steps)
+            total = min(self.state.total_steps, self.planned_steps)
+            self._set_schedule_length(total, min(self.state.warmup_steps, self.planned_warmup))
         if self.is_main:
             log.info(
                 f"resumed from {ckpt}: step {self.state.step}, epoch {self.state.epoch}, "
@@ -416,6 +512,8 @@ class Trainer:
         if any(t != "jsonl" for t in r.trackers):
             acc.init_trackers("trackers", config=_flat_config(self.recipe.to_dict()))
         self._resume()
+        if self.state.step >= self.total_steps:
+            return self._already_finished()
         if self.is_main:
             log.info(
                 f"{self.recipe.objective.name}: {acc.num_processes} process(es) on {acc.device}, precision {r.precision}; "
@@ -445,7 +543,7 @@ class Trainer:
                 self._unwrapped().on_epoch_start(epoch, self.steps_per_epoch)
                 micro = 0
                 update_bad = False
-                update_samples = 0
+                update_samples = update_skipped = 0
                 window_loss, window_n, window_t0, window_samples = 0.0, 0, time.monotonic(), 0
                 metrics: dict[str, float] = {}
                 for batch in self.stream.loader(pin_memory=acc.device.type == "cuda"):
@@ -469,9 +567,10 @@ class Trainer:
                                 acc.backward(loss / o.accum_steps)
                         window_loss += float(loss.detach())
                         window_n += 1
-                    n_img = batch["image"][0].shape[0] if isinstance(batch["image"], list) else batch["image"].shape[0]
-                    window_samples += n_img * acc.num_processes
-                    update_samples += n_img * acc.num_processes
+                    # Samples trained: pads (duplicates standing in for unreadable samples) are not counted.
+                    n_img = int((~batch["pad"]).sum()) if "pad" in batch else len(batch["index"])
+                    update_samples += n_img
+                    update_skipped += int(batch.get("skipped", 0))
                     if not is_update:
                         continue
 
@@ -499,12 +598,28 @@ class Trainer:
                         hook_metrics = self._unwrapped().on_step_end(self.state.step, self.total_steps)
                         metrics = {**metrics, **hook_metrics}
                     update_bad = False
-                    self.state.samples_seen += update_samples
-                    update_samples = 0
                     if progress is not None:
                         progress.update(1)
 
                     now = time.monotonic()
+                    self.state.wall_seconds = now - t_start
+                    # Clock- and signal-driven decisions differ per rank, and so do sample counts; one all-reduce
+                    # makes them shared.
+                    samples, skipped, *flags = self._rank_sums(
+                        update_samples,
+                        update_skipped,
+                        stop.received is not None,
+                        r.checkpoint_every_minutes > 0 and now - last_ckpt_time >= 60 * r.checkpoint_every_minutes,
+                        r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
+                        bool(fit_points) and self.state.wall_seconds >= fit_points[0] * budget
+                        and self.state.step - fit_mark[1] >= 5,
+                    )
+                    signalled, by_time, time_up, fit_due = (v > 0 for v in flags)
+                    self.state.samples_seen += int(samples)
+                    window_samples += int(samples)
+                    self._count_skipped(epoch, int(skipped))
+                    update_samples = update_skipped = 0
+
                     if window_n and (self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
                         final_loss = window_loss / window_n
                         rate = window_samples / max(now - window_t0, 1e-9)
@@ -518,6 +633,9 @@ class Trainer:
                             "samples_per_s": rate,
                             "samples_seen": self.state.samples_seen,
                             "nonfinite_total": self.state.nonfinite_total,
+                            # unreadable samples the stream skipped (all ranks): this epoch so far, and the run's
+                            "skipped_epoch": self.state.skipped_per_epoch[epoch],
+                            "skipped_total": self.state.skipped_total,
                             **{k: float(v) for k, v in metrics.items() if k != "loss"},
                         }
                         self._log(row)
@@ -527,15 +645,6 @@ class Trainer:
                     elif window_n:
                         final_loss = window_loss / window_n
 
-                    self.state.wall_seconds = now - t_start
-                    # Clock- and signal-driven decisions differ per rank; one all-reduce makes them shared.
-                    signalled, by_time, time_up, fit_due = self._any_rank(
-                        stop.received is not None,
-                        r.checkpoint_every_minutes > 0 and now - last_ckpt_time >= 60 * r.checkpoint_every_minutes,
-                        r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
-                        bool(fit_points) and self.state.wall_seconds >= fit_points[0] * budget
-                        and self.state.step - fit_mark[1] >= 5,
-                    )
                     if fit_due:
                         self._fit_schedule_to_time(self.state.step - fit_mark[1], now - fit_mark[0])
                         fit_mark = (now, self.state.step)
@@ -566,6 +675,11 @@ class Trainer:
             progress.close()
         if self.last_checkpoint is None or not _same_point(read_trainer_state(self.last_checkpoint)[0], self.state):
             self._save()
+        return self._finish(final_loss, stopped)
+
+    def _finish(self, final_loss: float, stopped: str) -> TrainResult:
+        """The end of a run: the backbone export, the objective's own outputs, pictures, train_summary.json."""
+        acc = self.accelerator
         backbone_dir, pictures = None, []
         if self.is_main:
             from pretrain.backbone import export_backbone
@@ -576,6 +690,8 @@ class Trainer:
             pictures = self._pictures(objective)
         acc.wait_for_everyone()
         acc.end_training()
+        if not math.isfinite(final_loss):  # no update logged in this launch (a resumed run's last stretch)
+            final_loss = last_logged_loss(self.metrics_path)
         result = TrainResult(
             out_dir=self.out_dir,
             steps=self.state.step,
@@ -588,12 +704,34 @@ class Trainer:
             wall_seconds=self.state.wall_seconds,
             pictures=pictures,
             stopped_early=stopped,
+            skipped_samples=self.state.skipped_total,
+            skipped_per_epoch=list(self.state.skipped_per_epoch),
         )
         if self.is_main:
-            summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-            summary["pictures"] = [str(p) for p in pictures]
-            write_text_atomic(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
+            write_text_atomic(self.out_dir / "train_summary.json",
+                              json.dumps(result.summary(), indent=2, allow_nan=False))
         return result
+
+    def _already_finished(self) -> TrainResult:
+        """A relaunch of a run that has reached the end of its schedule trains nothing and rewrites nothing (the
+        end-of-run outputs are made only if the first launch died before writing its summary)."""
+        if self.is_main:
+            log.warning(
+                f"{self.out_dir} already finished: step {self.state.step} of {self.total_steps}; nothing to train "
+                f"(raise run.epochs or run.max_steps to train longer, or set run.resume=never to start again)"
+            )
+        summary_path = self.out_dir / "train_summary.json"
+        self.accelerator.wait_for_everyone()
+        if summary_path.is_file() and (self.out_dir / "backbone").is_dir():
+            self.accelerator.end_training()
+            s = json.loads(summary_path.read_text())
+            return TrainResult(
+                **{**s, "out_dir": Path(s["out_dir"]),
+                   "final_loss": float("nan") if s["final_loss"] is None else s["final_loss"],
+                   "checkpoint": Path(s["checkpoint"]) if s.get("checkpoint") else None,
+                   "backbone_dir": Path(s["backbone_dir"]) if s.get("backbone_dir") else None,
+                   "pictures": [Path(x) for x in s.get("pictures", [])]})
+        return self._finish(float("nan"), "")
 
     def _diverged(self, count: int) -> None:
         where = f"step {self.state.step}, epoch {self.state.epoch}, batch {self.state.batches_done}"
@@ -606,6 +744,16 @@ class Trainer:
             f"{count} non-finite losses in a row at {where} (run folder {self.out_dir}); {what}. "
             f"Try a lower optim.base_lr, optim.clip_grad > 0, or run.precision=no."
         )
+
+
+def last_logged_loss(metrics_path: Path) -> float:
+    """The loss of the last row of metrics.jsonl (NaN when there is none)."""
+    if metrics_path.is_file():
+        for line in reversed(metrics_path.read_text().splitlines()):
+            row = json.loads(line) if line.strip() else {}
+            if isinstance(row.get("loss"), (int, float)):
+                return float(row["loss"])
+    return float("nan")
 
 
 def loss_curve_png(metrics_path: Path, out: Path) -> Path | None:

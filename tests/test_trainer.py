@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ def test_mae_run_writes_everything(digits_shards, tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(tiny_recipe(digits_shards, out, "run.epochs=3", "run.visualize=true", "optim.clip_grad=5.0",
                                   "objective.mae.mean=[0.25]", "objective.mae.std=[0.5]"))
-    assert trainer.steps_per_epoch == -(-1797 // 32)  # one process, no workers: the last batch is partial
+    assert trainer.steps_per_epoch == 1797 // 32  # data.remainder=drop: full batches only
     result = trainer.fit()
     assert result.steps == 3 * trainer.steps_per_epoch and result.epochs_done == 3
     rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl is not JSON"))
@@ -181,29 +179,6 @@ def test_accelerate_cpu_num_processes_trap_is_refused(digits_shards, tmp_path):
     assert p.returncode != 0
     assert "accelerate launch --multi_gpu --num_processes" in p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_sigkill_mid_run_then_relaunch_finishes(digits_shards, tmp_path):
-    out = tmp_path / "run"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("{}\n")
-    cmd = [sys.executable, "-m", "pretrain", str(recipe),
-           *tiny_overrides(digits_shards, out, "run.max_steps=120", "run.checkpoint_every_steps=5", "run.visualize=false")]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list_checkpoints(out):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    first = latest_checkpoint(out)
-    assert first is not None, "the run wrote no checkpoint before it was killed"
-    step_killed = int(first.name.split("_")[1])
-    assert step_killed < 120
-    p = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"resumed from {first}" in p.stderr + p.stdout
-    assert latest_checkpoint(out).name == "step_00000120"
 
 
 def test_two_cpu_processes_train_in_sync(digits_shards, tmp_path):
