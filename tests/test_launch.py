@@ -76,6 +76,7 @@ def test_accelerate_launch_cpu_2proc_config_starts_two_processes(digits_shards, 
     assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
 
 
+@pytest.mark.slow  # ~12 s; test_trainer's refusal of the --cpu --num_processes trap stays in make test
 def test_a_multi_cpu_config_file_that_starts_one_process_is_refused(digits_shards, tmp_path):
     """accelerate 1.15 runs `distributed_type: MULTI_CPU, num_processes: 2` (no MPI hostfile) as ONE process."""
     config = tmp_path / "multi_cpu.yaml"
@@ -95,6 +96,8 @@ def test_a_multi_cpu_config_file_that_starts_one_process_is_refused(digits_shard
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # ~30 s; make test covers both halves: test_lifeline (2 ranks SIGTERM themselves and checkpoint
+# when their launcher dies) and test_resume_recipes (a relaunch resumes exactly)
 def test_sigterm_to_both_processes_checkpoints_and_relaunch_resumes(digits_shards, tmp_path):
     """A preempted 2-process run (SIGTERM to every rank, as SLURM does) writes a final checkpoint at the step it
     stopped at and exits cleanly; the same command then resumes from that checkpoint."""
