@@ -1,18 +1,24 @@
 """Fashion-MNIST evaluation: raw-pixel baselines and a checkpoint's frozen features, side by side; one JSON table.
 
 First the raw-pixel baselines of the Fashion-MNIST paper (Xiao et al. 2017: logistic regression 0.842, k-NN
-0.854 for its best setting), recomputed with this project's own linear probes and k-NN on pixels / 255; then,
-given `--checkpoint` (a run folder, a checkpoint or an exported backbone), the same evaluations on its frozen
-features. Every row carries its ratio to the paper's number and, for a checkpoint, to raw pixels by the same
-method. Fine-tuning has its row (`finetune_row`), filled when `--finetune-recipe` is given.
+0.854 for its best setting), recomputed with this project's own linear probes (DINO's and MAE's protocol) and
+k-NN on pixels / 255, beside the independent reference they are held to: scikit-learn's LogisticRegression on
+standardised features with C chosen on the same held-out split of train the probes use (`gap_to_sklearn` on each
+probe row). Then the label-efficiency table (linear probe and k-NN from 1, 5, 10, 25, 100 labels per class,
+mean ± std over seeds). Given `--checkpoint` (a run folder, a checkpoint or an exported backbone), the same
+evaluations on its frozen features, each with its ratio to raw pixels by the same method. Fine-tuning has its row
+(`finetune_row`), filled when `--finetune-recipe` is given.
 
     python bench/fmnist_eval.py [--quick] [--checkpoint runs/mae-fmnist] [--pooling cls]
                                 [--train-shards DIR --test-shards DIR] [--cache-dir DIR] [--out DIR]
+                                [--train-limit N] [--test-limit N] [--min-steps N] [--shots 1,5,10] [--seeds 5]
 
 The data is read from VITSSL_FMNIST_DIR (default ../shared/datasets/fashion-mnist beside the project). For a
 checkpoint without `--train-shards/--test-shards` the IDX files are written as shards to a temporary folder.
-`--quick`: the first 5,000 train / 1,000 test images and shorter probes, same JSON shape (< 30 s with a tiny
-backbone). Run with OMP_NUM_THREADS set to the cores you mean to use.
+`--quick`: the first 2,000 train / 1,000 test images, short probes on narrow grids, a 3-value C grid, 2 seeds at
+1 and 10 labels per class; same JSON shape, a smoke check (< 30 s with a tiny backbone), not a result.
+`--train-limit/--test-limit/--min-steps` make a reduced full run (the README says which one it ran). Run with
+OMP_NUM_THREADS set to the cores you mean to use.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from downstream.features import load_labelled_features  # noqa: E402
-from downstream.probe import ProbeResult, knn_classify, linear_probe_dino, linear_probe_mae  # noqa: E402
+from downstream.label_efficiency import label_efficiency  # noqa: E402
+from downstream.probe import (  # noqa: E402
+    ProbeResult,
+    held_out_split,
+    knn_classify,
+    linear_probe_dino,
+    linear_probe_mae,
+    result_from_scores,
+)
 from shards.manifest import MANIFEST_NAME  # noqa: E402
 from shards.sources import FASHION_MNIST_CLASSES, find_mnist_files, idx_source, read_idx  # noqa: E402
 from shards.writer import write_shard_set  # noqa: E402
@@ -43,24 +58,74 @@ PAPER = {
     "knn": {"top1": 0.854, "what": "KNeighborsClassifier on raw pixels, best setting (Xiao et al. 2017)"},
     "finetune": {"top1": 0.923, "what": "tiny ViT trained from scratch, 200 epochs (issue 4's reference)"},
 }
-QUICK_SIZES = (5000, 1000)
+QUICK_SIZES = (2000, 1000)
+LINEAR_PROBES = ("linear probe (DINO protocol)", "linear probe (MAE protocol)")
 
 
-def protocols(quick: bool) -> dict:
-    """The evaluations every feature set gets: name -> (paper key, function of (train_x, train_y, test_x, test_y))."""
-    # Quick: fewer epochs, and MAE's batch cut so that 5,000 rows still give it a few hundred steps, at the
-    # full run's absolute lr (LARS moves weights by ~lr * 1e-3 of their norm per step; a scaled-down lr stalls).
-    dino_epochs, mae_epochs, mae_batch = (20, 30, 512) if quick else (100, 90, 4096)
-    mae_base_lr = 0.1 * 4096 / mae_batch
+def protocols(quick: bool, min_steps: int | None = None) -> dict:
+    """The evaluations every feature set gets: name -> (paper key, function of (train_x, train_y, test_x, test_y)).
+
+    Full: each protocol as `python -m downstream probe` runs it (its grids, held-out selection, refit), MAE at its
+    batch of 4,096 and 90 epochs, DINO at 1,024 and 100; `min_steps` overrides the floor on optimizer steps.
+    Quick: short runs on narrow grids (a smoke check of the code path, same JSON shape)."""
     classes = list(FASHION_MNIST_CLASSES)
+    if quick:
+        dino = dict(epochs=5, min_steps=60, base_lrs=(0.1, 1.0), weight_decays=(0.0, 1e-3), max_grid_extensions=0)
+        mae = dict(epochs=5, warmup_epochs=1, batch_size=512, min_steps=60, base_lrs=(1.0, 10.0),
+                   weight_decays=(0.0, 1e-3), max_grid_extensions=0)
+    else:
+        steps = {} if min_steps is None else {"min_steps": min_steps}
+        dino, mae = dict(epochs=100, **steps), dict(epochs=90, batch_size=4096, **steps)
     return {
-        "linear probe (DINO protocol: lr swept on held-out train)": (
-            "linear", lambda *d: linear_probe_dino(*d, classes=classes, epochs=dino_epochs)),
-        "linear probe (MAE protocol: BatchNorm + LARS)": (
-            "linear", lambda *d: linear_probe_mae(*d, classes=classes, epochs=mae_epochs, batch_size=mae_batch,
-                                                  base_lr=mae_base_lr, warmup_epochs=mae_epochs / 9)),
+        "logistic regression (scikit-learn reference)": (
+            "linear", lambda *d: sklearn_logistic_regression(*d, classes=classes, quick=quick)),
+        LINEAR_PROBES[0]: ("linear", lambda *d: linear_probe_dino(*d, classes=classes, **dino)),
+        LINEAR_PROBES[1]: ("linear", lambda *d: linear_probe_mae(*d, classes=classes, **mae)),
         "k-NN (DINO protocol: k=20, T=0.07, cosine)": ("knn", lambda *d: knn_classify(*d, classes=classes)),
     }  # fmt: skip
+
+
+def sklearn_logistic_regression(
+    train_x, train_y, test_x, test_y, *, classes=None, quick: bool = False, held_out_fraction: float = 0.2,
+    seed: int = 0,
+) -> ProbeResult:  # fmt: skip
+    """The reference every linear probe is held to: scikit-learn's LogisticRegression (lbfgs, multinomial) on
+    standardised features, C chosen on the same seeded held-out split of train the probes use (best held-out
+    accuracy, then log-loss), refit on all of train with that C, scored on test."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.perf_counter()
+    # Half-decades of C: a reference tuned at least as finely as the probes' weight decays (C ~ 1 / (wd * n)).
+    cs, max_iter = ((0.01, 0.1, 1.0), 100) if quick else (tuple(10.0 ** np.arange(-4, 1.01, 0.5)), 1000)
+    fit, held = held_out_split(train_y, held_out_fraction, seed)
+    x, y = train_x.numpy(), train_y.numpy()
+    scaler = StandardScaler().fit(x[fit])
+    xf, xh = scaler.transform(x[fit]), scaler.transform(x[held])
+    # Warm-started along increasing C (stronger regularisation first): the same optimum per C, fewer iterations.
+    model = LogisticRegression(max_iter=max_iter, warm_start=True)
+    sweep = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # quick's short runs; the iterations are reported
+        for c in cs:
+            model.set_params(C=c).fit(xf, y[fit])
+            proba = model.predict_proba(xh)
+            sweep.append({"C": c, "held_out_top1": float(model.score(xh, y[held])),
+                          "held_out_loss": float(log_loss(y[held], proba, labels=model.classes_)),
+                          "iterations": int(np.max(model.n_iter_))})
+        best = max(sweep, key=lambda r: (r["held_out_top1"], -r["held_out_loss"]))
+        scaler = StandardScaler().fit(x)
+        final = LogisticRegression(C=best["C"], max_iter=max_iter).fit(scaler.transform(x), y)
+    scores = torch.from_numpy(final.predict_proba(scaler.transform(test_x.numpy())))
+    return result_from_scores(
+        "sklearn-logreg", scores, test_y, num_classes=len(classes) if classes else int(test_y.max()) + 1,
+        num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
+        settings={"C": best["C"], "max_iter": max_iter, "solver": "lbfgs", "held_out_fraction": held_out_fraction,
+                  "iterations": int(np.max(final.n_iter_))},
+        sweep=sweep, selection=f"C {best['C']:g} chosen on {len(held)} held-out train rows, refit on all of train",
+    )  # fmt: skip
 
 
 def load_pixels(folder: Path, n_train: int | None, n_test: int | None):
@@ -102,15 +167,43 @@ def row(features: str, method: str, paper_key: str, result: ProbeResult | None, 
     }
 
 
-def evaluate(features: str, data: tuple, quick: bool, out: Path | None, stem: str) -> list[dict]:
+def evaluate(features: str, data: tuple, quick: bool, out: Path | None, stem: str,
+             min_steps: int | None = None) -> list[dict]:  # fmt: skip
     rows = []
-    for method, (paper_key, run) in protocols(quick).items():
+    for method, (paper_key, run) in protocols(quick, min_steps).items():
         result = run(*data)
         if out is not None:
             result.save(out, f"{stem}_{result.protocol}")
         rows.append(row(features, method, paper_key, result))
         print(f"# {features} / {method}: top1 {result.top1:.4f} ({result.seconds:.1f} s)", file=sys.stderr)
+    reference = rows[0]["top1"]
+    for r in rows:
+        if r["method"] in LINEAR_PROBES:
+            r["gap_to_sklearn"] = round(r["top1"] - reference, 4)
     return rows
+
+
+def efficiency(features: str, data: tuple, quick: bool, shots, seeds: int, out: Path | None, stem: str,
+               min_steps: int | None = None) -> dict:  # fmt: skip
+    """Label-efficiency table on one feature set: the DINO-protocol linear probe and k-NN from k labels per class
+    (subsets drawn from train only, per seed), scored on the whole test split; mean ± std over seeds."""
+    probe = {"min_steps": 60, "epochs": 5, "base_lrs": (0.1, 1.0), "weight_decays": (0.0, 1e-3),
+             "max_grid_extensions": 0} if quick else ({} if min_steps is None else {"min_steps": min_steps})
+    result = label_efficiency(*data, shots=shots, seeds=seeds, methods=("linear", "knn"), protocol="dino",
+                              classes=list(FASHION_MNIST_CLASSES), probe_kwargs=probe,
+                              log=lambda m: print(f"# {features} / {m}", file=sys.stderr))
+    if out is not None:
+        result.save(out, f"{stem}_label_efficiency")
+    return {
+        "features": features,
+        "shots": result.shots,
+        "seeds": result.seeds,
+        "rows": [{k: r[k] for k in ("method", "label", "shots", "num_train", "top1_mean", "top1_std", "top1")}
+                 for r in result.rows],
+        "settings": result.settings,
+        "seconds": result.seconds,
+        "table": result.table(),
+    }
 
 
 def finetune_row(checkpoint: str | None, recipe: str | None, *, quick: bool) -> dict:
@@ -127,7 +220,7 @@ def finetune_row(checkpoint: str | None, recipe: str | None, *, quick: bool) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="5,000 train / 1,000 test, shorter probes (< 30 s)")
+    ap.add_argument("--quick", action="store_true", help="2,000 train / 1,000 test, short probes (< 30 s)")
     ap.add_argument("--data", type=Path, default=FMNIST_DIR, help="folder with the four IDX files")
     ap.add_argument("--checkpoint", help="run folder, checkpoint or exported backbone to evaluate")
     ap.add_argument("--pooling", default="cls", help="cls, mean or lastN (e.g. last4)")
@@ -138,16 +231,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel rows")
     ap.add_argument("--finetune-recipe", help="fine-tuning recipe for the fine-tune row")
     ap.add_argument("--out", type=Path, help="also write each result's JSON and confusion-matrix PNG here")
+    ap.add_argument("--train-limit", type=int, help="use the first N train images (a reduced full run)")
+    ap.add_argument("--test-limit", type=int, help="use the first N test images")
+    ap.add_argument("--min-steps", type=int, help="the probes' floor on optimizer steps (default: theirs)")
+    ap.add_argument("--shots", default=None, help="labels per class for the label-efficiency table "
+                                                  "(default 1,5,10,25,100; quick 1,10)")
+    ap.add_argument("--seeds", type=int, default=None, help="subsets per number of labels (default 5; quick 2)")
+    ap.add_argument("--no-label-efficiency", action="store_true", help="skip the label-efficiency tables")
     args = ap.parse_args(argv)
     if bool(args.train_shards) != bool(args.test_shards):
         ap.error("give both --train-shards and --test-shards, or neither")
     started = time.perf_counter()
-    n_train, n_test = QUICK_SIZES if args.quick else (None, None)
+    n_train, n_test = QUICK_SIZES if args.quick else (args.train_limit, args.test_limit)
+    shots = [int(k) for k in args.shots.split(",")] if args.shots else ([1, 10] if args.quick else [1, 5, 10, 25, 100])
+    seeds = args.seeds or (2 if args.quick else 5)
+    tables: list[dict] = []
 
     rows: list[dict] = []
     pixels = load_pixels(args.data, n_train, n_test)
     if not args.no_baselines:
-        rows += evaluate("raw pixels", pixels, args.quick, args.out, "pixels")
+        rows += evaluate("raw pixels", pixels, args.quick, args.out, "pixels", args.min_steps)
+        if not args.no_label_efficiency:
+            tables.append(efficiency("raw pixels", pixels, args.quick, shots, seeds, args.out, "pixels",
+                                     args.min_steps))
     info = {"train": len(pixels[1]), "test": len(pixels[3]), "dir": str(args.data)}
 
     if args.checkpoint:
@@ -177,8 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"# note: shards hold {len(train)}/{len(test)} samples, pixels {len(pixels[1])}/{len(pixels[3])}",
                   file=sys.stderr)
         name = f"checkpoint {args.checkpoint} ({args.pooling})"
-        ckpt_rows = evaluate(name, (train.feats, train.labels, test.feats, test.labels), args.quick, args.out,
-                             f"checkpoint_{args.pooling}")
+        feats = (train.feats, train.labels, test.feats, test.labels)
+        ckpt_rows = evaluate(name, feats, args.quick, args.out, f"checkpoint_{args.pooling}", args.min_steps)
+        if not args.no_label_efficiency:
+            tables.append(efficiency(name, feats, args.quick, shots, seeds, args.out, f"checkpoint_{args.pooling}",
+                                     args.min_steps))
         baseline = {r["method"]: r["top1"] for r in rows if r["features"] == "raw pixels"}
         for r in ckpt_rows:
             if baseline.get(r["method"]):
@@ -192,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": info,
         "paper": PAPER,
         "rows": rows,
+        "label_efficiency": tables,
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 2),
     }

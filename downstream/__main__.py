@@ -1,15 +1,23 @@
 """`python -m downstream VERB ...`: use a trained backbone. A thin face over functions the tests call directly.
 
-  probe CHECKPOINT TRAIN TEST [--protocol dino|mae]  linear probe on frozen features -> JSON + confusion PNG
+  probe CHECKPOINT TRAIN TEST [--protocol dino|mae] [--head linear|cosine|centre]
+                                               linear probe (or a head) on frozen features -> JSON + confusion PNG
   knn CHECKPOINT TRAIN TEST [-k 20 -T 0.07]          DINO's weighted k-NN on frozen features
-  finetune CHECKPOINT TRAIN VAL --out RUN [--recipe R] [key=value ...]  supervised fine-tune, then top-1 on VAL
+  label-efficiency CHECKPOINT TRAIN TEST [--shots 1,5,10,25,100] [--seeds 5] --out DIR
+                                               linear probe and k-NN from k labels per class -> JSON + PNG
+  finetune CHECKPOINT TRAIN VAL --out RUN [--recipe R] [--head linear|cosine|centre] [--metric-loss triplet|centre]
+                                  [key=value ...]  supervised fine-tune, then top-1 on VAL
   zeroshot CLIP_RUN SHARDS [--retrieval CAPTION_SHARDS]  zero-shot top-1 from class names x templates
   attention CHECKPOINT SHARDS --out X.png      last block's CLS-to-patch attention per head, overlaid
   index build CHECKPOINT SHARDS --out DIR     embed a shard set, save a FAISS index + SQLite metadata
   index add DIR SHARDS                       embed more shards with the index's own backbone and append
   index info DIR                             what an index holds
-  index eval DIR QUERY_SHARDS                recall@1/5/10 and mAP of labelled queries (same label = relevant)
-  query DIR (--image FILE... | --key KEY... | --text T...) top-k neighbours as a table / JSON, plus a contact-sheet PNG
+  index eval DIR [QUERY_SHARDS] [--relevant label|key|field:NAME]
+                                             recall@1/5/10 and mAP; relevant = same label, same key or equal
+                                             metadata field (field:source_stem: the same source file); without
+                                             QUERY_SHARDS the index queries itself, each member leaving itself out
+  query DIR (--image FILE|FOLDER|@LIST... | --shards SET... | --key KEY... | --text T...) [--jsonl OUT|-] [--quiet]
+                                             top-k neighbours as a table / JSON lines, plus a contact-sheet PNG
 
 Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
 """
@@ -17,6 +25,7 @@ Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -36,27 +45,57 @@ def _common_embed(p: argparse.ArgumentParser) -> None:
 
 
 def _probe(a: argparse.Namespace) -> int:
-    from downstream.probe import probe_checkpoint
+    from downstream.probe import probe_checkpoint, resolve_protocol
 
     kwargs = {"k": a.k, "temperature": a.temperature} if a.verb == "knn" else {}
-    if a.verb == "probe" and a.epochs:
-        kwargs["epochs"] = a.epochs
-    protocol = "knn" if a.verb == "knn" else a.protocol
+    protocol = "knn" if a.verb == "knn" else resolve_protocol(a.protocol, a.head)
+    if a.verb == "probe" and protocol != "centre":
+        if a.epochs:  # an explicit epoch count is taken as is, unless --min-steps asks for a floor too
+            kwargs.update(epochs=a.epochs, min_steps=0)
+        if a.min_steps is not None:
+            kwargs["min_steps"] = a.min_steps
     result = probe_checkpoint(a.checkpoint, a.train, a.test, protocol=protocol, pooling=a.pooling,
                               cache_dir=a.cache_dir, out_dir=a.out, batch_size=a.batch_size,
                               num_workers=a.num_workers, **kwargs)
     top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
-    print(f"{protocol}: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} test; "
+    print(f"{result.protocol}: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} test; "
           f"{result.selection})")
     if a.out:
-        print(f"wrote {a.out}/{protocol}.json and {a.out}/{protocol}_confusion.png")
+        print(f"wrote {a.out}/{result.protocol}.json and {a.out}/{result.protocol}_confusion.png")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _label_efficiency(a: argparse.Namespace) -> int:
+    from downstream.label_efficiency import label_efficiency_checkpoint
+
+    methods = [m for m in a.methods.split(",") if m]
+    result = label_efficiency_checkpoint(
+        a.checkpoint, a.train, a.test, pooling=a.pooling, cache_dir=a.cache_dir, out_dir=a.out,
+        batch_size=a.batch_size, num_workers=a.num_workers, shots=a.shots, seeds=a.seeds, methods=methods,
+        protocol=a.protocol, knn_k=a.k, temperature=a.temperature, log=lambda m: print(m, flush=True),
+    )  # fmt: skip
+    print(result.table())
+    print(f"wrote {a.out}/label_efficiency.json and {a.out}/label_efficiency.png")
     return 0
 
 
 def _finetune(a: argparse.Namespace) -> int:
     from downstream.finetune import finetune
 
-    result = finetune(a.checkpoint, a.train, a.val, out_dir=a.out, recipe=a.recipe, overrides=a.overrides,
+    # --head / --metric-loss are the recipe keys under a shorter name; explicit overrides come after and win
+    flags = [f"objective.supervised.{key}={value}" for key, value in (("head", a.head), ("metric_loss", a.metric_loss))
+             if value is not None]
+    result = finetune(a.checkpoint, a.train, a.val, out_dir=a.out, recipe=a.recipe, overrides=flags + a.overrides,
                       img_size=a.img_size)
     top5 = f"  top-5 {result.top5:.4f}" if result.top5 is not None else ""
     print(f"finetune: top-1 {result.top1:.4f}{top5}  ({result.num_train} train, {result.num_test} val) -> {a.out}")
@@ -119,8 +158,10 @@ def _index_info(a: argparse.Namespace) -> int:
 def _index_eval(a: argparse.Namespace) -> int:
     from downstream.shard_index import evaluate_index, write_json
 
-    result = evaluate_index(a.index, a.queries, checkpoint=a.checkpoint, batch_size=a.batch_size,
-                            cache_dir=a.cache_dir)
+    if a.queries and a.queries_option:
+        raise ValueError(f"two query shard sets: {a.queries} and --queries {a.queries_option}; give one")
+    result = evaluate_index(a.index, a.queries or a.queries_option, relevant=a.relevant, ks=a.ks,
+                            checkpoint=a.checkpoint, batch_size=a.batch_size, cache_dir=a.cache_dir)
     print(json.dumps(result, indent=2))
     if a.json:
         write_json(a.json, result)
@@ -128,17 +169,40 @@ def _index_eval(a: argparse.Namespace) -> int:
 
 
 def _query(a: argparse.Namespace) -> int:
-    from downstream.shard_index import query_index, write_json
+    from downstream.shard_index import query_block, query_index, write_json
+    from shards.atomic import atomic_path
 
-    result = query_index(a.index, images=a.image or (), keys=a.key or (), texts=a.text or (), k=a.k,
-                         checkpoint=a.checkpoint,
-                         sheet=a.sheet)
+    to_stdout = a.jsonl == "-"  # stdout carries the JSON lines alone; the rest goes to stderr
+    say = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
+    show_table = not a.quiet and not to_stdout
+    with contextlib.ExitStack() as stack:
+        lines = None
+        if to_stdout:
+            lines = sys.stdout
+        elif a.jsonl:
+            tmp = stack.enter_context(atomic_path(a.jsonl))
+            lines = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+
+        def on_result(record: dict) -> None:
+            if lines is not None:
+                lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if show_table:
+                print(query_block(record))
+
+        result = query_index(a.index, images=a.image or (), shards=a.shards or (), keys=a.key or (),
+                             texts=a.text or (), k=a.k, checkpoint=a.checkpoint, sheet=a.sheet,
+                             sheet_rows=a.sheet_rows, batch_size=a.batch_size, cache_dir=a.cache_dir,
+                             on_result=on_result, keep=bool(a.json))
     if a.json:
         write_json(a.json, result.to_dict())
-    print(result.table())
-    for what, path in (("contact sheet", result.sheet), ("json", a.json)):
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} input(s) that could not be read; first: "
+              f"{result.skipped[0]['input']}: {result.skipped[0]['reason']}", file=sys.stderr)
+    if a.quiet or to_stdout or result.count > 1:
+        say(f"{result.count} queries answered")
+    for what, path in (("contact sheet", result.sheet), ("json", a.json), ("jsonl", a.jsonl if not to_stdout else None)):
         if path:
-            print(f"{what}: {path}")
+            say(f"{what}: {path}")
     return 0
 
 
@@ -159,12 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache-dir", default=None, help="cache features here (keyed by checkpoint and data)")
         if verb == "probe":
             p.add_argument("--protocol", choices=("dino", "mae"), default="dino",
-                           help="dino: SGD, lr swept on held-out train; mae: BatchNorm + LARS")
-            p.add_argument("--epochs", type=int, default=0, help="default: the protocol's own")
+                           help="dino: standardised features, SGD; mae: BatchNorm + LARS; both choose lr and "
+                                "weight decay on held-out train")
+            p.add_argument("--head", choices=("linear", "cosine", "centre"), default="linear",
+                           help="linear: the protocol's probe; cosine: a cosine classifier trained the DINO way; "
+                                "centre: nearest class mean by cosine (no training)")
+            p.add_argument("--epochs", type=int, default=0,
+                           help="default: the protocol's own, raised to --min-steps optimizer steps on small sets")
+            p.add_argument("--min-steps", type=int, default=None,
+                           help="floor on optimizer steps (default 3000; 0 with an explicit --epochs)")
         else:
             p.add_argument("-k", type=int, default=20)
             p.add_argument("-T", "--temperature", type=float, default=0.07)
         p.set_defaults(run=_probe)
+
+    le = verbs.add_parser("label-efficiency", help="linear probe and k-NN from 1, 5, 10, ... labels per class")
+    le.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
+    le.add_argument("train", help="labelled shard set the k-shot subsets are drawn from")
+    le.add_argument("test", help="labelled shard set every subset's classifier is scored on")
+    le.add_argument("--out", required=True, help="folder for label_efficiency.json and label_efficiency.png")
+    le.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25, 100], help="labels per class, e.g. 1,5,10")
+    le.add_argument("--seeds", type=int, default=5, help="subsets drawn per number of labels (mean ± std)")
+    le.add_argument("--methods", default="linear,knn", help="comma-separated: linear, knn, cosine, centre")
+    le.add_argument("--protocol", choices=("dino", "mae"), default="dino", help="the linear probe's protocol")
+    le.add_argument("-k", type=int, default=20, help="k-NN neighbours (clipped to the subset)")
+    le.add_argument("-T", "--temperature", type=float, default=0.07)
+    le.add_argument("--pooling", default="cls", help="cls, mean or lastN")
+    le.add_argument("--batch-size", type=int, default=256)
+    le.add_argument("--num-workers", type=int, default=0)
+    le.add_argument("--cache-dir", default=None, help="cache features here (keyed by checkpoint and data)")
+    le.set_defaults(run=_label_efficiency)
 
     f = verbs.add_parser("finetune", help="fine-tune a pretrained backbone with labels (the same trainer)")
     f.add_argument("checkpoint", help="pretrained run folder, checkpoint folder or exported backbone")
@@ -173,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run folder (resumes when it holds a checkpoint)")
     f.add_argument("--recipe", default=None, help="e.g. recipes/finetune_vit_tiny_fmnist.yaml")
     f.add_argument("--img-size", type=int, default=None, help="fine-tune at another resolution (pos-embed resampled)")
+    f.add_argument("--head", choices=("linear", "cosine", "centre"), default=None,
+                   help="objective.supervised.head: linear, cosine classifier, or EMA class centres (default: the recipe's)")
+    f.add_argument("--metric-loss", choices=("none", "triplet", "centre"), default=None,
+                   help="objective.supervised.metric_loss: a batch-hard triplet or centre loss beside the cross-entropy")
     f.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. run.epochs=5")
     f.set_defaults(run=_finetune)
 
@@ -215,24 +307,44 @@ def build_parser() -> argparse.ArgumentParser:
     i = actions.add_parser("info", help="print what an index holds")
     i.add_argument("index")
     i.set_defaults(run=_index_info)
-    ev = actions.add_parser("eval", help="recall@k and mAP of a labelled query shard set")
+    ev = actions.add_parser("eval", help="recall@k and mAP: class-level (same label) or instance-level")
     ev.add_argument("index")
-    ev.add_argument("queries", help="labelled shard set whose samples query the index")
+    ev.add_argument("queries", nargs="?", default=None,
+                    help="shard set whose samples query the index (embedded with its checkpoint); default: the "
+                         "index queries itself, each member leaving itself out")
+    ev.add_argument("--queries", dest="queries_option", default=None, metavar="SHARDS",
+                    help="the same as the positional QUERIES")
+    ev.add_argument("--relevant", default="label",
+                    help="what makes an indexed item relevant to a query: label (same class), key (same sample "
+                         "key) or field:NAME, an equal metadata field: field:source_stem (the same source file "
+                         "name, e.g. one item in another style or view), field:source, or any field of the "
+                         "samples' .json")
+    ev.add_argument("--ks", type=_int_list, default=[1, 5, 10], help="recall@k for these k; mAP@max(k)")
     ev.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--json", default=None)
     ev.set_defaults(run=_index_eval)
 
-    q = verbs.add_parser("query", help="nearest neighbours of images or indexed keys")
+    q = verbs.add_parser("query", help="nearest neighbours of images, shard samples, indexed keys or texts")
     q.add_argument("index")
-    q.add_argument("--image", nargs="+", help="query image file(s)")
+    q.add_argument("--image", nargs="+",
+                   help="query image file(s), folder(s) of images (recursive) and @LIST files (an image path a "
+                        "line, relative to the list's folder); a folder with a manifest.json is a shard set")
+    q.add_argument("--shards", nargs="+", help="shard set(s) whose samples query the index (folder, glob, brace "
+                                                "pattern or URL list)")
     q.add_argument("--key", nargs="+", help="key(s) of indexed samples (they never find themselves)")
     q.add_argument("--text", nargs="+", help="text(s), for an index built with --space clip")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in the index")
     q.add_argument("--sheet", default=None, help="write a contact-sheet PNG here")
-    q.add_argument("--json", default=None, help="write the results as JSON here")
+    q.add_argument("--sheet-rows", type=int, default=20, help="queries drawn on the contact sheet (the first ones)")
+    q.add_argument("--jsonl", default=None, metavar="OUT",
+                   help="write one JSON line per query here as it is answered ('-': to stdout, instead of the table)")
+    q.add_argument("--json", default=None, help="write all results as one JSON document here")
+    q.add_argument("--quiet", action="store_true", help="print no table")
+    q.add_argument("--batch-size", type=int, default=256, help="queries embedded and searched together")
+    q.add_argument("--cache-dir", default=None, help="reuse features of query shard sets embedded before")
     q.set_defaults(run=_query)
     return parser
 

@@ -180,6 +180,7 @@ def finetune(
             "cutmix": r.objective.supervised.cutmix,
             "label_smoothing": r.objective.supervised.label_smoothing,
             "head": r.objective.supervised.head,
+            "metric_loss": r.objective.supervised.metric_loss,
             "pool": r.objective.supervised.pool,
         },
     )

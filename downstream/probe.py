@@ -1,10 +1,18 @@
-"""Classifiers on frozen features: linear probes by MAE's and by DINO's protocol, k-NN by DINO's protocol,
-and the classification metrics they report.
+"""Classifiers on frozen features: linear probes by MAE's and by DINO's protocol, k-NN by DINO's protocol, and
+the heads of `downstream.heads` (cosine classifier, nearest class centre) trained the same way.
 
 Features are float tensors (N, D) already extracted by the backbone (`downstream.features`); labels are
 integers in [0, num_classes). The probes run on the features' device, full tensors in memory, mini-batches
 drawn by index (no DataLoader); k-NN searches an exact FAISS index in query batches. Every protocol returns a
 `ProbeResult` (top-1, top-5, per-class accuracy, confusion matrix) that writes itself as JSON + PNG.
+
+A trained probe sees standardised features (MAE: BatchNorm without affine; DINO: train mean/std folded into its
+Linear), trains for at least `min_steps` optimizer steps, and chooses its hyper-parameters on a held-out split of
+*train* only: the weight decay by held-out top-1, the lr by the training objective it reaches (`_best`), the grid
+grown when the best value sits on an edge. On pixels and trained features each protocol then lands within half a
+point of scikit-learn's LogisticRegression with C tuned on the same split (tests/test_probe.py; on a random ViT's
+ill-conditioned features SGD stays ~1 point short of the unregularised optimum lbfgs reaches). The metrics live
+in `downstream.metrics` (re-exported here).
 """
 
 from __future__ import annotations
@@ -23,20 +31,30 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from downstream.metrics import classification_metrics, confusion_matrix, per_class_accuracy, topk_accuracy
 from shards.atomic import write_text_atomic
 
 __all__ = [
     "DINO_BASE_LRS",
+    "HEADS",
+    "MAE_BASE_LRS",
     "PROTOCOLS",
+    "WEIGHT_DECAYS",
+    "CosineHeads",
+    "HeadwiseSGD",
     "LinearHeads",
+    "ProbeRecipe",
     "ProbeResult",
+    "Standardize",
+    "centre_probe",
     "check_features",
     "classification_metrics",
     "confusion_matrix",
+    "cosine_probe",
+    "embed_train_test",
     "held_out_split",
     "knn_classify",
     "knn_scores",
@@ -44,60 +62,22 @@ __all__ = [
     "linear_probe_mae",
     "per_class_accuracy",
     "probe_checkpoint",
+    "probe_features",
+    "resolve_protocol",
+    "select_hyperparameters",
     "topk_accuracy",
 ]
 
-# Base learning rates swept by the DINO protocol; each is scaled by batch_size / 256 like DINO does.
-DINO_BASE_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+# The grids each protocol sweeps on held-out train (grown one step past an edge that wins). Base learning rates
+# are scaled by batch_size / 256, as DINO and MAE do; on standardised features the best-converging lr is large,
+# so the grid reaches 10 (DINO's own 1e-3..0.3 stopped SGD short: the issue's under-report). MAE's LARS steps by
+# lr * 1e-3 of the weight's norm, so its lrs are larger still. Weight decays span "none" to strong
+# (scikit-learn's C is about 1 / (wd * n)).
+DINO_BASE_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+MAE_BASE_LRS: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
+WEIGHT_DECAYS: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 _EVAL_CHUNK = 65536  # rows per forward at evaluation: bounds memory for millions of features
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) int64 counts; row = true class, column = predicted class."""
-    flat = labels.long().cpu() * num_classes + predictions.long().cpu()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class_accuracy(cm: torch.Tensor) -> list[float | None]:
-    """Recall of each class from a confusion matrix; None for a class with no samples."""
-    totals = cm.sum(dim=1)
-    return [float(cm[c, c] / totals[c]) if totals[c] > 0 else None for c in range(cm.shape[0])]
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose true class ranks within the top k of `scores` (N, C).
-
-    Ties count against: the rank of the true class is the number of *other* classes scoring >= it,
-    so a class that merely ties at zero (e.g. no k-NN neighbour voted for it) is not a top-k hit.
-    """
-    if not 1 <= k <= scores.shape[1]:
-        raise ValueError(f"k={k} must be between 1 and the number of classes ({scores.shape[1]})")
-    true_score = scores.gather(1, labels.long().view(-1, 1))
-    rank = (scores >= true_score).sum(dim=1) - 1
-    return float((rank < k).float().mean())
-
-
-def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """top1 (argmax), top5 (None below 5 classes), per-class accuracy, confusion matrix, predictions.
-
-    top1 is the accuracy of the argmax predictions (the first of tied maxima), so it agrees with the confusion
-    matrix; top5 counts ties against the true class (`topk_accuracy`).
-    """
-    scores = scores.detach().float().cpu()
-    labels = labels.long().cpu()
-    predictions = scores.argmax(dim=1)
-    cm = confusion_matrix(predictions, labels, num_classes)
-    return {
-        "top1": float((predictions == labels).float().mean()),
-        "top5": topk_accuracy(scores, labels, 5) if num_classes >= 5 else None,
-        "per_class_accuracy": per_class_accuracy(cm),
-        "confusion_matrix": cm,
-        "predictions": predictions,
-    }
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -166,61 +146,170 @@ def held_out_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
 # ------------------------------------------------------------------------------------------------- model
 
 
-class LinearHeads(nn.Module):
-    """`num_heads` independent linear classifiers on the same features, optionally behind a shared
-    parameter-free BatchNorm (MAE's probe). Forward returns logits (num_heads, N, num_classes).
+class Standardize(nn.Module):
+    """`(x - mean) / std` with fixed per-feature statistics (buffers), fitted once on training rows.
 
-    The heads live in one (num_heads, C, D) weight and run as one matrix multiply, so a learning-rate
-    sweep trains all its candidates in a single pass over the data (as DINOv2 does) for little more
-    than the cost of one.
+    A constant feature (std below 1e-6 of its magnitude, or exactly zero) keeps std 1, so it maps to ~0 on the
+    rows it was fitted on and never blows up on new rows. Parameter-free: the probe behind it stays linear
+    in the features, and `fold_into` turns the pair into one `nn.Linear` on raw features.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, batch_norm: bool = False) -> None:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
+        self.register_buffer("mean", mean.detach().clone().float())
+        self.register_buffer("std", std.detach().clone().float())
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> Standardize:
+        mean = x.mean(dim=0)
+        std = x.std(dim=0, unbiased=False)
+        scale = x.abs().amax(dim=0)
+        return cls(mean, torch.where(std > 1e-6 * scale, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def fold_into(self, linear: nn.Linear) -> nn.Linear:
+        """The Linear that computes linear(self(x)) from raw x: W' = W / std, b' = b - W' @ mean."""
+        out = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight / self.std)
+            out.bias.copy_(linear.bias - out.weight @ self.mean)
+        return out
+
+
+class LinearHeads(nn.Module):
+    """`num_heads` independent linear classifiers on the same features, behind one shared parameter-free
+    normalisation: MAE's BatchNorm1d without affine (`batch_norm=True`), a fixed `Standardize`, or none.
+    Forward returns logits (num_heads, N, num_classes).
+
+    The heads live in one (num_heads, C, D) weight and run as one matrix multiply, so a hyper-parameter sweep
+    trains all its candidates in a single pass over the data (as DINOv2 does) for little more than the cost of
+    one; `HeadwiseSGD` gives each head its own lr and weight decay.
+    """
+
+    def __init__(
+        self, dim: int, num_classes: int, num_heads: int = 1, batch_norm: bool = False, norm: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if batch_norm and norm is not None:
+            raise ValueError("give batch_norm=True or a norm module, not both")
         # MAE: BatchNorm without affine is a per-feature standardisation that leaves the probe linear.
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batch_norm else nn.Identity()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batch_norm else norm or nn.Identity()
         self.weight = nn.Parameter(torch.empty(num_heads, num_classes, dim))
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes))
         self.reset_parameters(torch.Generator().manual_seed(0))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Weights ~ N(0, 0.01^2) truncated at 2 std (MAE, DINO init), biases zero; seeded."""
-        nn.init.trunc_normal_(self.weight, std=0.01, a=-0.02, b=0.02, generator=generator)
-        nn.init.zeros_(self.bias)
+        """Weights ~ N(0, 0.01^2) truncated at 2 std (MAE, DINO init), biases zero; seeded. Every head starts
+        from the same draw, so a candidate's result does not depend on which others share its pass."""
+        _, c, d = self.weight.shape
+        one = nn.init.trunc_normal_(torch.empty(c, d), std=0.01, a=-0.02, b=0.02, generator=generator)
+        with torch.no_grad():
+            self.weight.copy_(one.to(self.weight.device).expand_as(self.weight))
+            self.bias.zero_()
+
+    def forward_nch(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits laid out (N, num_classes, num_heads): the layout cross-entropy reduces fastest over classes."""
+        h, c, d = self.weight.shape
+        weight = self.weight.transpose(0, 1).reshape(c * h, d)
+        return torch.addmm(self.bias.t().reshape(-1), self.norm(x), weight.t()).view(-1, c, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, c, d = self.weight.shape
-        logits = torch.addmm(self.bias.view(-1), self.norm(x), self.weight.view(h * c, d).t())
-        return logits.view(-1, h, c).transpose(0, 1)
+        return self.forward_nch(x).permute(2, 0, 1)
 
-    def classifier(self, head: int = 0) -> nn.Sequential:
-        """One head as a plain `Sequential(norm, Linear)` in eval mode, for use and saving on its own."""
+    def classifier(self, head: int = 0, fold: bool = False) -> nn.Sequential:
+        """One head as a plain `Sequential(norm, Linear)` in eval mode, for use and saving on its own;
+        `fold=True` with a `Standardize` norm gives `Sequential(Linear)` on raw features instead."""
         _, c, d = self.weight.shape
         linear = nn.Linear(d, c).to(self.weight.device)
         with torch.no_grad():
             linear.weight.copy_(self.weight[head])
             linear.bias.copy_(self.bias[head])
+        if fold and isinstance(self.norm, Standardize):
+            return nn.Sequential(self.norm.fold_into(linear)).eval()
         return nn.Sequential(copy.deepcopy(self.norm), linear).eval()
 
 
-def _mae_optimizer(
-    model: LinearHeads, lr: float, optimizer: str, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """MAE's LARS adapts and decays only the weight (>1-D), the bias gets plain momentum SGD."""
-    if optimizer == "lars":
-        groups = [
-            {"params": [model.weight], "weight_decay": weight_decay, "always_adapt": True},
-            {"params": [model.bias], "weight_decay": 0.0, "always_adapt": False},
-        ]
-        return Lars(groups, lr=lr, momentum=momentum)
-    if optimizer == "sgd":
-        groups = [{"params": [model.weight], "weight_decay": weight_decay}, {"params": [model.bias]}]
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=0.0)
-    raise ValueError(f"optimizer must be 'lars' or 'sgd', got {optimizer!r}")
+class CosineHeads(nn.Module):
+    """`num_heads` cosine classifiers (`downstream.heads.CosineClassifier`, learned scale) trained in one pass:
+    logits[h] = scale[h] * normalize(x) @ normalize(W[h]).T; `classifier(h)` returns head h as a
+    CosineClassifier."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 1, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, num_classes, dim))
+        self.log_scale = nn.Parameter(torch.full((num_heads,), math.log(scale)))
+        self.initial_scale = scale
+        self.reset_parameters(torch.Generator().manual_seed(0))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        _, c, d = self.weight.shape
+        one = nn.init.trunc_normal_(torch.empty(c, d), std=0.02, a=-0.04, b=0.04, generator=generator)
+        with torch.no_grad():
+            self.weight.copy_(one.to(self.weight.device).expand_as(self.weight))
+            self.log_scale.fill_(math.log(self.initial_scale))
+
+    def forward_nch(self, x: torch.Tensor) -> torch.Tensor:
+        h, c, d = self.weight.shape
+        weight = F.normalize(self.weight, dim=-1).transpose(0, 1).reshape(c * h, d)
+        return (F.normalize(x, dim=-1) @ weight.t()).view(-1, c, h) * self.log_scale.exp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_nch(x).permute(2, 0, 1)
+
+    def classifier(self, head: int = 0, fold: bool = False) -> nn.Module:
+        from downstream.heads import CosineClassifier
+
+        _, c, d = self.weight.shape
+        out = CosineClassifier(d, c, scale=float(self.log_scale[head].detach().exp()), learn_scale=True)
+        with torch.no_grad():
+            out.weight.copy_(self.weight[head])
+            out.log_scale.copy_(self.log_scale[head])
+        return out.to(self.weight.device).eval()
+
+
+class HeadwiseSGD(torch.optim.Optimizer):
+    """Momentum SGD or LARS for parameters whose first dimension indexes independent heads, each head with its
+    own learning rate and weight decay (`head_lr`, `head_wd`: tensors of length num_heads in each group).
+
+    Head h follows exactly `torch.optim.SGD(lr=head_lr[h] * lr, momentum, weight_decay=head_wd[h])`, or with
+    `lars=True` timm's `Lars(..., always_adapt=True)` with its trust ratio computed per head (MAE's probe
+    optimizer). The group's `lr` is a multiplier that a scheduler drives (1.0 = the heads' own lrs).
+    """
+
+    def __init__(self, groups: list[dict], momentum: float = 0.9, trust_coeff: float = 1e-3, eps: float = 1e-8):
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        defaults = dict(lr=1.0, momentum=momentum, lars=False, trust_coeff=trust_coeff, eps=eps)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                view = (-1,) + (1,) * (p.dim() - 1)
+                wd = group["head_wd"].to(p.device).view(view)
+                d = p.grad.add(p * wd)
+                if group["lars"]:
+                    w_norm = p.flatten(1).norm(dim=1).view(view)
+                    g_norm = p.grad.flatten(1).norm(dim=1).view(view)
+                    trust = group["trust_coeff"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+                    d.mul_(torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust)))
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                    d = state["momentum_buffer"]
+                p.sub_(d * (group["lr"] * group["head_lr"].to(p.device).view(view)))
 
 
 def _fit(
-    model: LinearHeads,
+    model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -229,13 +318,9 @@ def _fit(
     warmup_epochs: float,
     batch_size: int,
     generator: torch.Generator,
-    head_lr: torch.Tensor | None = None,
 ) -> None:
-    """Mini-batch cross-entropy training; per-step cosine schedule with linear warmup (timm's scheduler).
-
-    `head_lr` (num_heads,) multiplies each head's gradient. Under SGD with momentum and no weight decay the
-    momentum buffer is linear in the gradients, so this is exactly SGD at lr = optimizer lr * head_lr[h].
-    """
+    """Mini-batch cross-entropy training of heads with a `forward_nch` (logits (N, C, num_heads)); per-step cosine schedule with linear
+    warmup (timm's scheduler). Every head sees the same batches in the same order."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -254,21 +339,22 @@ def _fit(
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    num_heads = model.weight.shape[0]
     model.train()
     step = 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(x.device)
-        for idx in torch.tensor_split(order, num_batches):
+        if num_batches == 1:  # full batch: the order of the rows changes nothing, skip the shuffle and copy
+            batches = [(x, y)]
+        else:
+            order = torch.randperm(n, generator=generator).to(x.device)
+            batches = [(x[idx], y[idx]) for idx in torch.tensor_split(order, num_batches)]
+        for bx, by in batches:
             scheduler.step_update(step)
-            logits = model(x[idx])
+            logits = model.forward_nch(bx)  # (B, C, H)
+            num_heads = logits.shape[2]
             # Sum of each head's mean loss: heads share no parameters, so each gets exactly its own gradient.
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(num_heads)) * num_heads
+            loss = F.cross_entropy(logits, by.view(-1, 1).expand(-1, num_heads)) * num_heads
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if head_lr is not None:
-                model.weight.grad.mul_(head_lr.view(-1, 1, 1))
-                model.bias.grad.mul_(head_lr.view(-1, 1))
             optimizer.step()
             step += 1
     model.eval()
@@ -279,6 +365,191 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits (num_heads, N, C) for LinearHeads, (N, C) for a single classifier; evaluated in chunks."""
     model.eval()
     return torch.cat([model(chunk) for chunk in x.split(_EVAL_CHUNK)], dim=-2)
+
+
+# ---------------------------------------------------------------------------------------- hyper-parameter sweep
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How one protocol trains its heads: everything but the swept base lr and weight decay."""
+
+    head: Literal["linear", "cosine"] = "linear"
+    norm: Literal["none", "standardize", "batchnorm"] = "none"
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    momentum: float = 0.9
+    epochs: int = 100
+    warmup_epochs: float = 0.0
+    batch_size: int = 1024
+    min_steps: int = 3000
+    cosine_scale: float = 16.0
+
+    def validate(self) -> None:
+        if self.optimizer not in ("sgd", "lars"):
+            raise ValueError(f"optimizer must be 'sgd' or 'lars', got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
+            raise ValueError(f"epochs={self.epochs} and batch_size={self.batch_size} must be >= 1, "
+                             f"min_steps={self.min_steps} >= 0")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs})")
+
+
+def _train_heads(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, candidates: Sequence[tuple[float, float]],
+    recipe: ProbeRecipe, seed: int,
+) -> tuple[nn.Module, dict]:  # fmt: skip
+    """One head per (base_lr, weight_decay) candidate, trained together on (x, y); lr = base_lr * batch / 256.
+
+    The protocol's epochs are a floor: a small train set gets more epochs until it has `min_steps` optimizer
+    steps (100 epochs of 2 batches would stop SGD long before it converges; ImageNet's 100 epochs are 125k
+    steps), and the warmup keeps its fraction of the schedule.
+    """
+    batch = min(recipe.batch_size, len(x))
+    if recipe.norm == "batchnorm" and batch < 2:
+        raise ValueError("MAE's probe trains a BatchNorm: it needs batches (and train sets) of 2 or more rows")
+    steps_per_epoch = math.ceil(len(x) / batch)
+    epochs = max(recipe.epochs, math.ceil(recipe.min_steps / steps_per_epoch))
+    warmup = recipe.warmup_epochs * epochs / recipe.epochs
+    n = len(candidates)
+    if recipe.head == "cosine":
+        model = CosineHeads(x.shape[1], num_classes, n, scale=recipe.cosine_scale)
+    else:
+        model = LinearHeads(x.shape[1], num_classes, n, batch_norm=recipe.norm == "batchnorm")
+    norm = Standardize.fit(x).to(x.device) if recipe.norm == "standardize" and recipe.head == "linear" else None
+    model = model.to(x.device)
+    generator = torch.Generator().manual_seed(seed)
+    model.reset_parameters(generator)
+    lrs = torch.tensor([b * batch / 256 for b, _ in candidates], dtype=torch.float32, device=x.device)
+    wds = torch.tensor([w for _, w in candidates], dtype=torch.float32, device=x.device)
+    lars = recipe.optimizer == "lars"
+    # LARS adapts and decays only the weight (MAE); biases and the cosine scale get plain momentum SGD.
+    others = [p for name, p in model.named_parameters() if name != "weight"]
+    opt = HeadwiseSGD(
+        [{"params": [model.weight], "head_lr": lrs, "head_wd": wds, "lars": lars},
+         {"params": others, "head_lr": lrs, "head_wd": torch.zeros_like(wds), "lars": False}],
+        momentum=recipe.momentum,
+    )  # fmt: skip
+    # Fixed statistics: standardise the rows once, train on them, then put the norm in front of the heads.
+    _fit(model, x if norm is None else norm(x), y, opt, epochs=epochs, warmup_epochs=warmup, batch_size=batch,
+         generator=generator)
+    if norm is not None:
+        model.norm = norm
+    return model, {"batch_size": batch, "epochs_run": epochs, "warmup_epochs_run": round(warmup, 3),
+                   "steps": epochs * steps_per_epoch}
+
+
+def _next_value(grid: list[float], upward: bool) -> float | None:
+    """The value one grid step beyond an edge (the ratio of the two values at that edge), or None when the edge
+    cannot move: a grid of one value (fixed by the caller) or a lower edge of 0 (no weight decay)."""
+    if len(grid) < 2:
+        return None
+    if upward:
+        top, below = grid[-1], grid[-2]
+        ratio = top / below if below > 0 else 10.0
+        return float(f"{top * ratio:.6g}") if top > 0 else None
+    bottom, above = grid[0], grid[1]
+    return float(f"{bottom * bottom / above:.6g}") if bottom > 0 else None
+
+
+def _held_out_rank(record: dict) -> tuple:
+    """Order of weight decays: highest held-out top-1, then lowest held-out loss, then the stronger decay."""
+    return (-record["held_out_top1"], record["held_out_loss"], -record["weight_decay"])
+
+
+def _best(records) -> dict:
+    """The chosen candidate. The lr is an optimisation knob: for each weight decay the lr whose head reached the
+    lowest training objective on the fit rows (mean cross-entropy + wd / 2 * |W|^2; ties: the smaller lr). The
+    weight decay is the regulariser: among those heads, the best on the held-out rows (`_held_out_rank`). This
+    is how scikit-learn's tuned LogisticRegression works (exact optimum per C, C on held-out rows), with SGD;
+    choosing lr x wd jointly on a few hundred held-out rows instead picks lucky, under-trained heads."""
+    per_wd: dict[float, dict] = {}
+    for r in records:
+        current = per_wd.get(r["weight_decay"])
+        if current is None or (r["fit_objective"], r["base_lr"]) < (current["fit_objective"], current["base_lr"]):
+            per_wd[r["weight_decay"]] = r
+    return min(per_wd.values(), key=_held_out_rank)
+
+
+def select_hyperparameters(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: ProbeRecipe, *,
+    base_lrs: Sequence[float], weight_decays: Sequence[float], held_out_fraction: float, seed: int,
+    max_grid_extensions: int = 3,
+) -> dict:  # fmt: skip
+    """Sweep base_lr x weight_decay on a seeded, stratified held-out split of the *train* rows.
+
+    Every candidate is a head trained on the rest of train (all in one pass) and chosen by `_best`: the lr by
+    its training objective on those rows, the weight decay on the held-out rows. When the best value of either hyper-parameter sits on its grid's edge, the grid grows one step
+    beyond that edge and only the new candidates are trained; at most `max_grid_extensions` times per edge.
+    Candidates are trained from the same initialisation on the same batches, so a result does not depend on the
+    grid around it. Returns {"best", "records", "grid", "extensions", "models", "fit_rows", "held_out_rows",
+    "train_info"}.
+    """
+    lrs = sorted({float(v) for v in base_lrs})
+    wds = sorted({float(v) for v in weight_decays})
+    if not lrs or not wds:
+        raise ValueError("the base lr and weight decay grids must not be empty")
+    if lrs[0] <= 0 or wds[0] < 0:
+        raise ValueError(f"base lrs must be > 0 and weight decays >= 0, got {lrs} and {wds}")
+    fit_idx, held_idx = held_out_split(y, held_out_fraction, seed)
+    fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
+    fx, fy, hx, hy = x[fit_idx], y[fit_idx], x[held_idx], y[held_idx]
+    records: dict[tuple[float, float], dict] = {}
+    models: dict[tuple[float, float], tuple[nn.Module, int]] = {}
+    extensions: list[dict] = []
+    moves = {(name, way): 0 for name in ("base_lr", "weight_decay") for way in ("up", "down")}
+    todo = [(lr, wd) for lr in lrs for wd in wds]
+    round_ = 0
+    info: dict = {}
+    while todo:
+        model, info = _train_heads(fx, fy, num_classes, todo, recipe, seed)
+        logits = _predict(model, hx)
+        fit_logits = _predict(model, fx)
+        for h, ((lr, wd), lg) in enumerate(zip(todo, logits)):
+            finite = bool(torch.isfinite(lg).all()) and bool(torch.isfinite(fit_logits[h]).all())
+            fit_loss = float(F.cross_entropy(fit_logits[h], fy)) if finite else math.inf
+            records[(lr, wd)] = {
+                "base_lr": lr,
+                "lr": lr * info["batch_size"] / 256,
+                "weight_decay": wd,
+                "held_out_top1": float((lg.argmax(1) == hy).float().mean()) if finite else 0.0,
+                "held_out_loss": float(F.cross_entropy(lg, hy)) if finite else math.inf,
+                "fit_loss": fit_loss,
+                "fit_objective": fit_loss + 0.5 * wd * float(model.weight[h].detach().pow(2).sum()),
+                "round": round_,
+            }
+            models[(lr, wd)] = (model, h)
+        best = _best(records.values())
+        round_ += 1
+        new = {}
+        for name, grid, value in (("base_lr", lrs, best["base_lr"]), ("weight_decay", wds, best["weight_decay"])):
+            for way, edge in (("up", grid[-1]), ("down", grid[0])):
+                if value == edge and moves[(name, way)] < max_grid_extensions:
+                    nxt = _next_value(grid, way == "up")
+                    if nxt is not None and nxt not in grid:
+                        moves[(name, way)] += 1
+                        new[name] = nxt
+                        extensions.append({"hyper_parameter": name, "direction": way, "added": nxt,
+                                           "best_was": value, "round": round_})
+                        break
+        if "base_lr" in new:
+            lrs = sorted([*lrs, new["base_lr"]])
+        if "weight_decay" in new:
+            wds = sorted([*wds, new["weight_decay"]])
+        todo = [(lr, wd) for lr in lrs for wd in wds if (lr, wd) not in records]
+    best = _best(records.values())
+    on_edge = [name for name, grid in (("base_lr", lrs), ("weight_decay", wds))
+               if len(grid) > 1 and best[name] in (grid[0], grid[-1]) and not (name == "weight_decay" and best[name] == 0)]
+    return {
+        "best": best,
+        "records": sorted(records.values(), key=lambda r: (r["base_lr"], r["weight_decay"])),
+        "grid": {"base_lrs": lrs, "weight_decays": wds},
+        "extensions": extensions,
+        "still_on_edge": on_edge,
+        "models": models,
+        "fit_rows": len(fit_idx),
+        "held_out_rows": len(held_idx),
+        "train_info": info,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -371,6 +642,73 @@ def _prepare(train_x, train_y, test_x, test_y, num_classes, classes=None):
 # --------------------------------------------------------------------------------------------- protocols
 
 
+def _fallback(grid: Sequence[float]) -> float:
+    """The grid's median value (the lower of the two middle ones): the choice when nothing can be held out."""
+    values = sorted({float(v) for v in grid})
+    return values[(len(values) - 1) // 2]
+
+
+def _probe_with_selection(
+    protocol: str, recipe: ProbeRecipe, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+    test_y: torch.Tensor, *, num_classes: int, classes, base_lrs, weight_decays, held_out_fraction: float,
+    refit: bool, seed: int, max_grid_extensions: int, started: float, extra_settings: dict,
+) -> ProbeResult:  # fmt: skip
+    """Choose (base_lr, weight_decay) on held-out train rows, refit on all of train, score on test."""
+    recipe.validate()
+    fold = recipe.norm == "standardize"
+    can_hold_out = int(torch.bincount(train_y).max()) >= 2
+    if can_hold_out:
+        sel = select_hyperparameters(
+            train_x, train_y, num_classes, recipe, base_lrs=base_lrs, weight_decays=weight_decays,
+            held_out_fraction=held_out_fraction, seed=seed, max_grid_extensions=max_grid_extensions,
+        )
+        best = sel["best"]
+        base_lr, wd = best["base_lr"], best["weight_decay"]
+        where = (f"weight_decay {wd:g} chosen on {sel['held_out_rows']} held-out train rows (held-out top-1 "
+                 f"{best['held_out_top1']:.4f}), base_lr {base_lr:g} by the lowest training objective on the other "
+                 f"{sel['fit_rows']} ({len(sel['records'])} candidates)")
+        if sel["extensions"]:
+            grown = ", ".join(f"{e['hyper_parameter']} {e['direction']} to {e['added']:g}" for e in sel["extensions"])
+            where += f"; grid extended at its edge: {grown}"
+        if sel["still_on_edge"]:
+            where += f"; still on the grid's edge after {max_grid_extensions} extensions: {sel['still_on_edge']}"
+        sweep = sel["records"]
+        chosen = {"base_lr": base_lr, "weight_decay": wd, "held_out_top1": best["held_out_top1"],
+                  "held_out_loss": best["held_out_loss"], "fit_objective": best["fit_objective"],
+                  "held_out_rows": sel["held_out_rows"], "fit_rows": sel["fit_rows"],
+                  "rule": "weight_decay: best held-out top-1 (then loss); base_lr: lowest training objective"}
+        grid = {**sel["grid"], "extensions": sel["extensions"], "still_on_edge": sel["still_on_edge"]}
+    else:  # one labelled row per class (1-shot): nothing to hold out, so no selection
+        refit = True
+        base_lr, wd = _fallback(base_lrs), min(float(w) for w in weight_decays)
+        where = (f"no selection: every class has one train row, nothing to hold out; the grid's median base_lr "
+                 f"{base_lr:g} and its smallest weight_decay {wd:g}")
+        sweep, chosen, grid = [], None, {"base_lrs": sorted(base_lrs), "weight_decays": sorted(weight_decays),
+                                         "extensions": [], "still_on_edge": []}
+    if refit:
+        model, info = _train_heads(train_x, train_y, num_classes, [(base_lr, wd)], recipe, seed)
+        classifier = model.classifier(0, fold=fold)
+        selection = f"{where}, refit on all {len(train_x)} train rows"
+    else:
+        model, head = sel["models"][(base_lr, wd)]
+        classifier, info = model.classifier(head, fold=fold), sel["train_info"]
+        selection = f"{where}, the sweep's probe kept (trained on {sel['fit_rows']} rows)"
+    settings = {
+        "base_lr": base_lr, "lr": base_lr * info["batch_size"] / 256, "weight_decay": wd,
+        "chosen_on_held_out": chosen, "grid": grid,
+        "epochs": recipe.epochs, "epochs_run": info["epochs_run"], "steps": info["steps"],
+        "min_steps": recipe.min_steps, "warmup_epochs": recipe.warmup_epochs,
+        "warmup_epochs_run": info["warmup_epochs_run"], "batch_size": info["batch_size"],
+        "optimizer": recipe.optimizer, "momentum": recipe.momentum, "norm": recipe.norm, "head": recipe.head,
+        "held_out_fraction": held_out_fraction, "refit": refit, "seed": seed, **extra_settings,
+    }  # fmt: skip
+    return result_from_scores(
+        protocol, _predict(classifier, test_x), test_y,
+        num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
+        classifier=classifier, settings=settings, sweep=sweep, selection=selection,
+    )  # fmt: skip
+
+
 def linear_probe_mae(
     train_features: torch.Tensor | np.ndarray,
     train_labels: torch.Tensor | np.ndarray,
@@ -379,63 +717,46 @@ def linear_probe_mae(
     *,
     num_classes: int | None = None,
     classes: Sequence[str] | None = None,
+    base_lrs: Sequence[float] = MAE_BASE_LRS,
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
+    base_lr: float | None = None,
+    weight_decay: float | None = None,
     epochs: int = 90,
     warmup_epochs: float = 10,
     batch_size: int = 4096,
-    base_lr: float = 0.1,
-    lr: float | None = None,
+    min_steps: int = 3000,
     optimizer: Literal["lars", "sgd"] = "lars",
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    held_out_fraction: float = 0.2,
+    refit: bool = True,
+    max_grid_extensions: int = 3,
     seed: int = 0,
 ) -> ProbeResult:
-    """MAE's linear probe: BatchNorm1d(D, affine=False) -> Linear, LARS (timm's) or SGD with momentum,
-    lr = base_lr * batch_size / 256 unless `lr` is given, linear warmup then cosine decay per step.
+    """MAE's linear probe: BatchNorm1d(D, affine=False) -> Linear (the BatchNorm standardises each feature and
+    leaves the probe linear), LARS (timm's rule, trust ratio per head) or SGD with momentum 0.9,
+    lr = base_lr * batch_size / 256, linear warmup then cosine decay per step.
 
-    No model selection: trains once on all of train and reports test accuracy after the last epoch.
-    LARS moves the weight by about lr * 1e-3 of its norm per step, so MAE's defaults assume ImageNet's
-    thousands of steps; on a set of a few thousand rows raise base_lr (e.g. 4) or use SGD.
+    base_lr and weight decay are chosen on a seeded, stratified split of *train* as the DINO probe's are
+    (`base_lrs` x `weight_decays`, grown at an edge; `base_lr=` / `weight_decay=` fix one value), then a fresh probe is trained
+    on all of train (`refit`) and scored on test; test labels play no part. At least `min_steps` optimizer steps:
+    LARS moves a weight by about lr * 1e-3 of its norm per step, so MAE's 90 epochs (~7,000 ImageNet steps)
+    become a few dozen steps on a small set without it.
     """
     started = time.perf_counter()
     train_x, train_y, test_x, test_y, num_classes = _prepare(
         train_features, train_labels, test_features, test_labels, num_classes, classes
     )
-    batch_size = min(batch_size, len(train_x))
-    if batch_size < 2:
+    if min(batch_size, len(train_x)) < 2:
         raise ValueError("MAE's probe trains a BatchNorm: it needs batches (and train sets) of 2 or more rows")
-    scaled = lr is None  # MAE's rule: the absolute lr follows the batch size
-    lr = base_lr * batch_size / 256 if scaled else lr
-    generator = torch.Generator().manual_seed(seed)
-    model = LinearHeads(train_x.shape[1], num_classes, num_heads=1, batch_norm=True).to(train_x.device)
-    model.reset_parameters(generator)
-    opt = _mae_optimizer(model, lr, optimizer, momentum, weight_decay)
-    _fit(model, train_x, train_y, opt, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
-         generator=generator)
-    classifier = model.classifier()
-    return result_from_scores(
-        f"mae-{optimizer}", _predict(classifier, test_x), test_y,
-        num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
-        classifier=classifier,
-        settings={"lr": lr, "base_lr": base_lr if scaled else None, "epochs": epochs,
-                  "warmup_epochs": warmup_epochs, "batch_size": batch_size, "optimizer": optimizer,
-                  "momentum": momentum, "weight_decay": weight_decay, "seed": seed},
-        selection="none: one run at the given lr, evaluated after the last epoch",
+    recipe = ProbeRecipe(head="linear", norm="batchnorm", optimizer=optimizer, momentum=momentum, epochs=epochs,
+                         warmup_epochs=warmup_epochs, batch_size=batch_size, min_steps=min_steps)
+    return _probe_with_selection(
+        f"mae-{optimizer}", recipe, train_x, train_y, test_x, test_y, num_classes=num_classes, classes=classes,
+        base_lrs=base_lrs if base_lr is None else (base_lr,),
+        weight_decays=weight_decays if weight_decay is None else (weight_decay,),
+        held_out_fraction=held_out_fraction, refit=refit, seed=seed, max_grid_extensions=max_grid_extensions,
+        started=started, extra_settings={},
     )  # fmt: skip
-
-
-def _dino_fit(
-    x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float], num_classes: int, epochs: int, batch_size: int, seed: int
-) -> LinearHeads:
-    """One linear head per lr, trained together: SGD momentum 0.9, no weight decay, cosine to 0, no warmup."""
-    generator = torch.Generator().manual_seed(seed)
-    model = LinearHeads(x.shape[1], num_classes, num_heads=len(lrs)).to(x.device)
-    model.reset_parameters(generator)
-    # The schedule runs on a unit lr; each head's own lr enters through its gradient (see _fit).
-    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, weight_decay=0.0)
-    head_lr = torch.tensor(lrs, dtype=torch.float32, device=x.device)
-    _fit(model, x, y, opt, epochs=epochs, warmup_epochs=0, batch_size=batch_size, generator=generator,
-         head_lr=head_lr)
-    return model
 
 
 def linear_probe_dino(
@@ -447,61 +768,105 @@ def linear_probe_dino(
     num_classes: int | None = None,
     classes: Sequence[str] | None = None,
     base_lrs: Sequence[float] = DINO_BASE_LRS,
-    held_out_fraction: float = 0.1,
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
+    held_out_fraction: float = 0.2,
     epochs: int = 100,
     batch_size: int = 1024,
+    min_steps: int = 3000,
+    standardize: bool = True,
     refit: bool = True,
+    max_grid_extensions: int = 3,
     seed: int = 0,
 ) -> ProbeResult:
     """DINO's linear probe: Linear on the given features (DINO feeds the last-4 CLS concat, `pooling=last4`),
-    SGD momentum 0.9, weight decay 0, cosine schedule to 0, lr = base_lr * batch_size / 256 swept over
-    `base_lrs`.
+    SGD momentum 0.9, cosine schedule to 0, no warmup, lr = base_lr * batch_size / 256; base_lr and weight decay
+    swept (`base_lrs` x `weight_decays`, grown at an edge).
 
-    The lr is chosen on a seeded, stratified held-out split of *train* (highest held-out top-1, then lowest
-    held-out loss, then smaller lr); test labels play no part. With `refit` (default) a fresh probe is then
-    trained on all of train with that lr and evaluated on test; without it the sweep's best probe is kept.
+    `standardize` (default) z-scores each feature with train statistics first and folds them into the returned
+    Linear, so the probe is still one linear layer on the raw features; without it SGD crawls on features
+    whose mean is large beside their spread (mean-pooled tokens after a LayerNorm: mean ~0.5, std ~0.1).
+    The hyper-parameters are chosen on a seeded, stratified split of *train* (`held_out_fraction` held out):
+    the weight decay by held-out top-1 (then loss), the lr by the training objective it reaches (`_best`); test
+    labels play no part. With `refit` (default) a fresh probe is then trained on all of train and evaluated on
+    test; without it the sweep's best probe is kept. At least `min_steps` optimizer steps: DINO's 100 epochs are
+    ~125k steps on ImageNet but 200 on a set of 2,000 rows.
     """
     started = time.perf_counter()
     train_x, train_y, test_x, test_y, num_classes = _prepare(
         train_features, train_labels, test_features, test_labels, num_classes, classes
     )
-    if not base_lrs:
-        raise ValueError("base_lrs is empty")
-    fit_idx, held_idx = held_out_split(train_y, held_out_fraction, seed)
-    fit_idx, held_idx = fit_idx.to(train_x.device), held_idx.to(train_x.device)
-    sweep_batch = min(batch_size, len(fit_idx))
-    lrs = [b * sweep_batch / 256 for b in base_lrs]
-    sweep_model = _dino_fit(train_x[fit_idx], train_y[fit_idx], lrs, num_classes, epochs, sweep_batch, seed)
+    recipe = ProbeRecipe(head="linear", norm="standardize" if standardize else "none", optimizer="sgd",
+                         momentum=0.9, epochs=epochs, warmup_epochs=0.0, batch_size=batch_size, min_steps=min_steps)
+    return _probe_with_selection(
+        "dino", recipe, train_x, train_y, test_x, test_y, num_classes=num_classes, classes=classes,
+        base_lrs=base_lrs, weight_decays=weight_decays, held_out_fraction=held_out_fraction, refit=refit,
+        seed=seed, max_grid_extensions=max_grid_extensions, started=started, extra_settings={},
+    )  # fmt: skip
 
-    held_logits = _predict(sweep_model, train_x[held_idx])
-    held_y = train_y[held_idx]
-    sweep = []
-    for b, lr, logits in zip(base_lrs, lrs, held_logits):
-        sweep.append({
-            "base_lr": b,
-            "lr": lr,
-            "held_out_top1": float((logits.argmax(1) == held_y).float().mean()),
-            "held_out_loss": float(F.cross_entropy(logits, held_y)),
-        })  # fmt: skip
-    best = min(range(len(sweep)), key=lambda i: (-sweep[i]["held_out_top1"], sweep[i]["held_out_loss"], lrs[i]))
 
-    where = f"base_lr {base_lrs[best]} chosen on {len(held_idx)} held-out train rows"
-    if refit:
-        batch = min(batch_size, len(train_x))
-        lr = base_lrs[best] * batch / 256
-        classifier = _dino_fit(train_x, train_y, [lr], num_classes, epochs, batch, seed + 1).classifier()
-        selection = f"{where}, refit on all {len(train_x)} train rows"
-    else:
-        batch, lr = sweep_batch, lrs[best]
-        classifier = sweep_model.classifier(best)
-        selection = f"{where}, the sweep's probe kept"
+def cosine_probe(
+    train_features: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_features: torch.Tensor | np.ndarray,
+    test_labels: torch.Tensor | np.ndarray,
+    *,
+    num_classes: int | None = None,
+    classes: Sequence[str] | None = None,
+    base_lrs: Sequence[float] = DINO_BASE_LRS,
+    weight_decays: Sequence[float] = (0.0,),
+    scale: float = 16.0,
+    held_out_fraction: float = 0.2,
+    epochs: int = 100,
+    batch_size: int = 1024,
+    min_steps: int = 3000,
+    refit: bool = True,
+    max_grid_extensions: int = 3,
+    seed: int = 0,
+) -> ProbeResult:
+    """A `downstream.heads.CosineClassifier` (learned scale, starting at `scale`) trained on frozen features with
+    cross-entropy by the DINO probe's recipe (SGD momentum 0.9, cosine schedule, lr swept on held-out train and
+    grown at an edge, refit on all of train). No standardisation: the head sees only the features' directions,
+    as k-NN and retrieval do. The returned classifier is the CosineClassifier itself."""
+    started = time.perf_counter()
+    train_x, train_y, test_x, test_y, num_classes = _prepare(
+        train_features, train_labels, test_features, test_labels, num_classes, classes
+    )
+    recipe = ProbeRecipe(head="cosine", norm="none", optimizer="sgd", momentum=0.9, epochs=epochs,
+                         warmup_epochs=0.0, batch_size=batch_size, min_steps=min_steps, cosine_scale=scale)
+    return _probe_with_selection(
+        "cosine", recipe, train_x, train_y, test_x, test_y, num_classes=num_classes, classes=classes,
+        base_lrs=base_lrs, weight_decays=weight_decays, held_out_fraction=held_out_fraction, refit=refit,
+        seed=seed, max_grid_extensions=max_grid_extensions, started=started,
+        extra_settings={"initial_scale": scale},
+    )  # fmt: skip
+
+
+def centre_probe(
+    train_features: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_features: torch.Tensor | np.ndarray,
+    test_labels: torch.Tensor | np.ndarray,
+    *,
+    num_classes: int | None = None,
+    classes: Sequence[str] | None = None,
+) -> ProbeResult:
+    """Nearest class centre by cosine (`downstream.heads.ClassCentreHead`, one full update): each centre is the
+    renormalised mean of its class's L2-normalised train features; a test row goes to the most similar centre.
+    No hyper-parameters, no selection; a class without train rows scores -inf."""
+    from downstream.heads import ClassCentreHead
+
+    started = time.perf_counter()
+    train_x, train_y, test_x, test_y, num_classes = _prepare(
+        train_features, train_labels, test_features, test_labels, num_classes, classes
+    )
+    head = ClassCentreHead(train_x.shape[1], num_classes, momentum=0.0).to(train_x.device)
+    head.update(train_x, train_y)  # a class's first update sets its centre to its normalised mean
+    head.eval()
     return result_from_scores(
-        "dino", _predict(classifier, test_x), test_y,
+        "centre", _predict(head, test_x), test_y,
         num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
-        classifier=classifier,
-        settings={"lr": lr, "base_lr": base_lrs[best], "epochs": epochs, "batch_size": batch,
-                  "held_out_fraction": held_out_fraction, "refit": refit, "seed": seed},
-        sweep=sweep, selection=selection,
+        classifier=head, settings={"metric": "cosine", "centre": "normalised mean of L2-normalised train features"},
+        selection="none: no hyper-parameters",
     )  # fmt: skip
 
 
@@ -594,7 +959,59 @@ def knn_classify(
 
 # ------------------------------------------------------------------------------------- from a checkpoint
 
-PROTOCOLS = {"mae": linear_probe_mae, "dino": linear_probe_dino, "knn": knn_classify}
+PROTOCOLS = {"mae": linear_probe_mae, "dino": linear_probe_dino, "knn": knn_classify, "cosine": cosine_probe,
+             "centre": centre_probe}
+# --head: which classifier sits on the frozen features. "linear" runs the linear protocol given (dino or mae).
+HEADS = ("linear", "cosine", "centre")
+
+
+def resolve_protocol(protocol: str = "dino", head: str = "linear") -> str:
+    """The PROTOCOLS key for a (linear-probe protocol, head) pair: head "linear" keeps the protocol ("dino",
+    "mae", or "knn"); "cosine" and "centre" name their own."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: use one of {list(HEADS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: use one of {sorted(PROTOCOLS)}")
+    return protocol if head == "linear" else head
+
+
+def probe_features(
+    train_features: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    test_features: torch.Tensor | np.ndarray,
+    test_labels: torch.Tensor | np.ndarray,
+    *,
+    protocol: str = "dino",
+    head: str = "linear",
+    **protocol_kwargs,
+) -> ProbeResult:
+    """What `python -m downstream probe --protocol P --head H` runs once the features are embedded."""
+    name = resolve_protocol(protocol, head)
+    return PROTOCOLS[name](train_features, train_labels, test_features, test_labels, **protocol_kwargs)
+
+
+def embed_train_test(
+    checkpoint, train: str | os.PathLike, test: str | os.PathLike, *, pooling: str = "cls",
+    cache_dir: str | os.PathLike | None = None, batch_size: int = 256, num_workers: int = 0, accelerator=None,
+    precision: str = "no",
+) -> tuple:  # fmt: skip
+    """(train Features, test Features, a description of them for a report) of two labelled shard sets embedded
+    with `checkpoint` (run folder, checkpoint, exported backbone, or a loaded backbone; cached in `cache_dir`)."""
+    from downstream.features import load_labelled_features
+
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from pretrain.restore import load_backbone_from
+
+        backbone, where = load_backbone_from(checkpoint), str(checkpoint)
+    else:
+        backbone, where = checkpoint, ""
+    embed = dict(pooling=pooling, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+                 accelerator=accelerator, precision=precision)
+    tr = load_labelled_features(backbone, train, **embed)
+    te = load_labelled_features(backbone, test, **embed)
+    info = {"checkpoint": where, "fingerprint": tr.fingerprint, "pooling": pooling, "dim": tr.dim,
+            "train": str(train), "test": str(test), "cached": tr.cached and te.cached}
+    return tr, te, info
 
 
 def probe_checkpoint(
@@ -603,6 +1020,7 @@ def probe_checkpoint(
     test: str | os.PathLike,
     *,
     protocol: str = "dino",
+    head: str = "linear",
     pooling: str = "cls",
     cache_dir: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -614,31 +1032,20 @@ def probe_checkpoint(
 ) -> ProbeResult:
     """One call for a CLI: embed labelled `train` and `test` shard sets with `checkpoint` (a run folder,
     checkpoint or exported backbone, or a loaded backbone; features cached in `cache_dir`), run `protocol`
-    ("mae", "dino" or "knn", with `protocol_kwargs` passed on) and, given `out_dir`, write
-    `<protocol>.json` + `<protocol>_confusion.png` there (main process only).
+    ("mae", "dino", "knn", "cosine" or "centre"; or `head` "cosine" / "centre" in place of the linear one, with
+    `protocol_kwargs` passed on) and, given `out_dir`, write `<protocol>.json` + `<protocol>_confusion.png`
+    there (main process only).
 
     Raises FeatureError (shards without labels, or not fitting the backbone), FileNotFoundError (no
-    checkpoint), ValueError (bad protocol or settings).
+    checkpoint), ValueError (bad protocol, head or settings).
     """
-    from downstream.features import load_labelled_features
-
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r}: use one of {sorted(PROTOCOLS)}")
-    if isinstance(checkpoint, (str, os.PathLike)):
-        from pretrain.restore import load_backbone_from
-
-        backbone, where = load_backbone_from(checkpoint), str(checkpoint)
-    else:
-        backbone, where = checkpoint, ""
-    embed = dict(pooling=pooling, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
-                 accelerator=accelerator, precision=precision)
-    tr = load_labelled_features(backbone, train, **embed)
-    te = load_labelled_features(backbone, test, **embed)
+    name = resolve_protocol(protocol, head)
+    tr, te, info = embed_train_test(checkpoint, train, test, pooling=pooling, cache_dir=cache_dir,
+                                    batch_size=batch_size, num_workers=num_workers, accelerator=accelerator,
+                                    precision=precision)
     classes = protocol_kwargs.pop("classes", None) or tr.classes or te.classes or None
-    result = PROTOCOLS[protocol](tr.feats, tr.labels, te.feats, te.labels, classes=classes, **protocol_kwargs)
-    result.settings["features"] = {"checkpoint": where, "fingerprint": tr.fingerprint, "pooling": pooling,
-                                   "dim": tr.dim, "train": str(train), "test": str(test),
-                                   "cached": tr.cached and te.cached}
+    result = PROTOCOLS[name](tr.feats, tr.labels, te.feats, te.labels, classes=classes, **protocol_kwargs)
+    result.settings["features"] = info
     if out_dir is not None and (accelerator is None or accelerator.is_main_process):
         result.save(out_dir)
     return result

@@ -9,7 +9,8 @@ Collapse monitors (DINO's failure mode, most reported at small batch sizes; Caro
   * `effective_rank`: exp of the entropy of the normalised singular values (Roy & Vetterli 2007; RankMe):
     n for n orthonormal rows, 1 for rows that are all equal.
 `CollapseMonitor` keeps the last measurement and warns loudly, at most once every `every` steps, when the
-embedding std falls near zero.
+embedding std falls near zero. The alarms that read these measurements over time (entropy near ln K, a loss
+climbing while the rank falls, the online k-NN falling) are `pretrain.evaluate.CollapseAlarms`.
 
 Attention maps: `cls_attention` recomputes the last block's softmax(q k^T / sqrt(d)) from that block's input
 (caught by a hook): timm's fused attention never materialises the weights. Works for any timm ViT.

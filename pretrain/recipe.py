@@ -1,6 +1,6 @@
 """A recipe is one YAML file that is a whole run.
 
-Typed sections (data, model, objective, optim, run) as dataclasses; OmegaConf
+Typed sections (data, model, objective, optim, run, eval, alarm) as dataclasses; OmegaConf
 merges the YAML and dotted command-line overrides (`optim.base_lr=3e-4`) onto
 the schema, so every value has a type and a default. An unknown key is an error
 that lists the valid keys of its section; out-of-range values are errors before
@@ -359,9 +359,17 @@ class SupervisedConfig:
     # pretrained backbone to start from: run folder, checkpoint or export; "" = random init
     init_from: str = _f("", example="runs/mae_vit_tiny_fmnist")
     num_classes: int = 0  # 0 = the class count in the train shards' manifest
-    head: str = "linear"  # "linear" or "cosine" (downstream.heads.CosineClassifier)
-    cosine_scale: float = 16.0  # cosine head: logits = scale * cos
+    # "linear"; "cosine" (downstream.heads.CosineClassifier); "centre": EMA class centres of the normalised
+    # features (downstream.heads.ClassCentreHead), logits = cosine_scale * cos(feature, centre), no weights to learn
+    head: str = "linear"
+    cosine_scale: float = 16.0  # cosine and centre heads: logits = scale * cos
     learn_scale: bool = False  # cosine head: train the scale
+    centre_momentum: float = 0.9  # centre head / centre loss: weight of the old centre in each EMA update
+    # an extra loss on the pooled features beside the cross-entropy: "none", "triplet" (batch-hard, margin
+    # triplet_margin on normalised features) or "centre" (1 - cos to the class's EMA centre)
+    metric_loss: str = "none"
+    metric_loss_weight: float = 1.0  # loss = cross-entropy + weight x metric loss
+    triplet_margin: float = 0.2
     pool: str = "cls"  # "cls" token or "mean" of patch tokens (MAE fine-tunes with the mean)
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Mixup alpha (DeiT/MAE fine-tune: 0.8); 0 = off
@@ -379,8 +387,17 @@ class SupervisedConfig:
         p = "objective.supervised."
         _check(self.num_classes == 0 or self.num_classes >= 2, f"{p}num_classes={self.num_classes}: must be >= 2 "
                "(a classifier needs two classes), or 0 (the train manifest's class count)")
-        _one_of(self.head, ("linear", "cosine"), p + "head")
+        _one_of(self.head, ("linear", "cosine", "centre"), p + "head")
         _min(p + "cosine_scale", self.cosine_scale, 0, strict=True)
+        _within(p + "centre_momentum", self.centre_momentum, 0.0, 1.0, open_hi=True)
+        _one_of(self.metric_loss, ("none", "triplet", "centre"), p + "metric_loss")
+        _min(p + "metric_loss_weight", self.metric_loss_weight, 0)
+        _min(p + "triplet_margin", self.triplet_margin, 0)
+        hard_labels = [f"{p}head=centre"] if self.head == "centre" else []
+        hard_labels += [f"{p}metric_loss={self.metric_loss}"] if self.metric_loss != "none" else []
+        _check(not hard_labels or (self.mixup == 0 and self.cutmix == 0),
+               f"{' and '.join(hard_labels)} need each sample's own label, which Mixup/CutMix blend: "
+               f"set {p}mixup=0 and {p}cutmix=0 (now {self.mixup} and {self.cutmix})")
         _one_of(self.pool, ("cls", "mean"), p + "pool")
         _within(p + "label_smoothing", self.label_smoothing, 0.0, 1.0, open_hi=True)
         _min(p + "mixup", self.mixup, 0, note=" (a Beta alpha; 0 = off)")
@@ -497,6 +514,72 @@ class RunConfig:
             _one_of(t, ("tensorboard", "jsonl", "wandb", "mlflow", "comet_ml", "aim", "clearml"), "run.trackers[]")
 
 
+@dataclass
+class EvalConfig:
+    """Online k-NN during pretraining (`pretrain.evaluate`): DINO's weighted k-NN top-1 (cosine, k=20, T=0.07) of a
+    labelled query set against a labelled bank, both drawn once by key hash from eval.shards (else data.train, never
+    data.val), embedded with the training backbone at the start, every eval.every_steps / eval.every_minutes and
+    at the end. Off, with one log line, when the data has no labels."""
+
+    enabled: bool = True
+    # labelled shard set to draw query + bank from; "" = data.train
+    shards: str = _f("", example="data/fmnist/train")
+    holdout: int = 1000  # query samples (the smallest key hashes)
+    bank_samples: int = 5000  # bank samples (the next smallest); both shrink in proportion on a smaller set
+    every_steps: int = 0  # evaluate every this many updates; 0 = off
+    every_minutes: float = 5.0  # evaluate every this many minutes (stretched by max_fraction); 0 = off
+    # a time-driven evaluation waits at least (the last one's seconds / this) after it: at most this share of the time
+    max_fraction: float = 0.05
+    k: int = 20
+    temperature: float = 0.07
+    pooling: str = "cls"  # "cls" (final CLS token) or "mean" (mean of the final patch tokens)
+    batch_size: int = 256  # per process
+
+    def validate(self) -> None:
+        p = "eval."
+        _min(p + "holdout", self.holdout, 1)
+        _min(p + "bank_samples", self.bank_samples, 1)
+        _min(p + "every_steps", self.every_steps, 0, note=" (0 = off)")
+        _min(p + "every_minutes", self.every_minutes, 0, note=" (0 = off)")
+        _within(p + "max_fraction", self.max_fraction, 0.0, 1.0, open_hi=True, note=" (0 = no limit)")
+        _min(p + "k", self.k, 1)
+        _min(p + "temperature", self.temperature, 0, strict=True)
+        _one_of(self.pooling, ("cls", "mean"), p + "pooling")
+        _min(p + "batch_size", self.batch_size, 1)
+
+
+@dataclass
+class AlarmConfig:
+    """Collapse alarms (`pretrain.evaluate.CollapseAlarms`) on the logged rows: a loss or entropy near its ceiling
+    (DINO: ln out_dim) or a loss climbing towards it, an effective rank or the online k-NN falling from its best."""
+
+    enabled: bool = True
+    # stop the run at the next update, with a checkpoint (stopped_early="collapse"), when an alarm fires
+    stop_on_collapse: bool = False
+    after_steps: int = -1  # alarms read rows from this step on; -1 = once the lr warmup is over
+    window: int = 8  # logged rows (metrics.jsonl lines) the loss slope is fitted over
+    loss_rise: float = 0.03  # loss rising: fitted rise over the window >= this x the loss ceiling; 0 = off
+    # ... and only while the effective rank falls by this fraction over the same rows (0 = the loss alone): a healthy
+    # DINO run can climb for a while after its warmup, its rank steady
+    rank_fall: float = 0.1
+    near_ceiling: float = 0.95  # loss / teacher entropy >= this x its ceiling (uniform outputs); 0 = off
+    near_floor: float = 0.02  # loss / teacher entropy <= this x its ceiling (one output for all); 0 = off
+    rank_drop: float = 0.5  # effective rank below (1 - this) x its best; 0 = off
+    knn_drop: float = 0.1  # online k-NN top-1 below (1 - this) x its best; 0 = off
+    warn_every: int = 100  # steps between two warnings of one signal
+
+    def validate(self) -> None:
+        p = "alarm."
+        _min(p + "after_steps", self.after_steps, -1, note=" (-1 = once the lr warmup is over)")
+        _min(p + "window", self.window, 3, note=" (a slope needs a few points)")
+        _min(p + "loss_rise", self.loss_rise, 0, note=" (0 = off)")
+        _within(p + "near_ceiling", self.near_ceiling, 0.0, 1.0, note=" (0 = off)")
+        _within(p + "near_floor", self.near_floor, 0.0, 1.0, open_hi=True, note=" (0 = off)")
+        for name in ("rank_fall", "rank_drop", "knn_drop"):
+            _within(p + name, getattr(self, name), 0.0, 1.0, open_hi=True, note=" (0 = off)")
+        _min(p + "warn_every", self.warn_every, 1)
+
+
 def _check_finite(obj: Any, prefix: str) -> None:
     """Every float of every section (list entries too) is a finite number: nan slips past range checks."""
     for f in dataclasses.fields(obj):
@@ -516,6 +599,8 @@ class Recipe:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
     def validate(self) -> Recipe:
         _check_finite(self, "")
@@ -697,7 +782,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise FileNotFoundError(f"recipe not found: {p}")
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections (data, model, objective, optim, run)")
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (data, model, objective, optim, run, eval, alarm)")
         unknown = _find_unknown(schema, data)
         if unknown:
             raise RecipeError(f"{p}: {_explain_key_error(schema, unknown)}")

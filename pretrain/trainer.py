@@ -38,6 +38,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
     torch_optimizer,
 )
+from pretrain.evaluate import CollapseAlarms, OnlineEvaluator, knn_curve_png, knn_summary
 from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
 from pretrain.position import Launch, launch_of, translate
@@ -68,9 +69,14 @@ class TrainResult:
     samples_seen: int
     wall_seconds: float
     pictures: list[Path] = field(default_factory=list)
-    stopped_early: str = ""  # why the run ended before its schedule ("", "max_minutes", "signal", "finished")
+    # why the run ended before its schedule ("", "max_minutes", "signal", "collapse")
+    stopped_early: str = ""
     skipped_samples: int = 0  # unreadable samples the stream skipped, all ranks, whole run
     skipped_per_epoch: list[int] = field(default_factory=list)
+    # online k-NN top-1 (pretrain.evaluate): best and last with their steps, the random-init baseline ("init"), the
+    # evaluations' count and seconds; {} when off
+    online_knn: dict[str, Any] = field(default_factory=dict)
+    collapse_alarms: list[dict[str, Any]] = field(default_factory=list)  # alarms that fired: signal, step, text
 
     def summary(self) -> dict[str, Any]:
         """As train_summary.json holds it: paths as strings, a missing loss as null (NaN is not JSON)."""
@@ -261,6 +267,15 @@ class Trainer:
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        # The online k-NN and the collapse alarms (pretrain.evaluate): the evaluator only reads the backbone.
+        self.evaluator = OnlineEvaluator(
+            recipe.eval, train_source=d.train, out_dir=self.out_dir, accelerator=acc,
+            transform=self.objective.eval_transform(), num_workers=d.num_workers,
+            max_bad_fraction=d.max_bad_fraction, allow_pipe=d.allow_pipe,
+        )
+        if self.sharded and recipe.eval.enabled:
+            self.evaluator.off_reason = "run.fsdp=true: the online k-NN does not embed with a sharded backbone yet"
+        self.alarms: CollapseAlarms | None = None  # made in fit(), when the warmup length is known
 
     # ------------------------------------------------------------------ helpers
     def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
@@ -497,10 +512,33 @@ class Trainer:
             obj.train(was_training)
             if p is not None:
                 out.append(Path(p))
-        curve = loss_curve_png(self.metrics_path, self.out_dir / "pictures" / "loss_curve.png")
-        if curve is not None:
-            out.append(curve)
+        for draw, name in ((loss_curve_png, "loss_curve.png"), (knn_curve_png, "knn_curve.png")):
+            curve = draw(self.metrics_path, self.out_dir / "pictures" / name)
+            if curve is not None:
+                out.append(curve)
         return out
+
+    def _start_watching(self) -> None:
+        """The collapse alarms (with what a resumed run logged before) and the online k-NN (which keeps a fresh
+        run's starting weights for its random-init baseline)."""
+        a = self.recipe.alarm
+        self.alarms = CollapseAlarms(a, after_steps=a.after_steps if a.after_steps >= 0 else self.warmup_steps)
+        if self.is_main and self.state.step > 0 and self.metrics_path.is_file():
+            self.alarms.replay([json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()])
+        self._eval_row: dict[str, float] = {}  # evaluation numbers waiting for the next logged row
+        self._collapse_pending = False  # an alarm fired on the main process: every rank stops at the next update
+        self.evaluator.begin(self._unwrapped().backbone, fresh=self.state.step == 0)
+
+    def _evaluate(self) -> None:
+        """The online k-NN of the backbone as it is now (every rank: the embedding is collective)."""
+        self._eval_row.update(self.evaluator.evaluate(self._unwrapped().backbone, self.state.step))
+
+    def _watch(self, row: dict[str, Any]) -> None:
+        """The alarms read the row just logged (main process); with alarm.stop_on_collapse a firing stops the run."""
+        if self.alarms is None or not self.is_main:
+            return
+        if self.alarms.observe(row) and self.recipe.alarm.stop_on_collapse:
+            self._collapse_pending = True
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -514,6 +552,7 @@ class Trainer:
         self._resume()
         if self.state.step >= self.total_steps:
             return self._already_finished()
+        self._start_watching()
         if self.is_main:
             log.info(
                 f"{self.recipe.objective.name}: {acc.num_processes} process(es) on {acc.device}, precision {r.precision}; "
@@ -613,14 +652,22 @@ class Trainer:
                         r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
                         bool(fit_points) and self.state.wall_seconds >= fit_points[0] * budget
                         and self.state.step - fit_mark[1] >= 5,
+                        self.evaluator.due(self.state.step, now),
+                        self._collapse_pending,
                     )
-                    signalled, by_time, time_up, fit_due = (v > 0 for v in flags)
+                    signalled, by_time, time_up, fit_due, eval_due, collapse = (v > 0 for v in flags)
                     self.state.samples_seen += int(samples)
                     window_samples += int(samples)
                     self._count_skipped(epoch, int(skipped))
                     update_samples = update_skipped = 0
+                    # The online k-NN: when due, and at the end of the schedule or the time budget.
+                    last = (self.state.step >= self.total_steps or time_up) and not (signalled or collapse)
+                    evaluated = eval_due or (last and self.evaluator.end_due(self.state.step))
+                    if evaluated:
+                        self._evaluate()
 
-                    if window_n and (self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
+                    if window_n and (self.state.step % r.log_every == 0 or self.state.step == self.total_steps
+                                     or evaluated):
                         final_loss = window_loss / window_n
                         rate = window_samples / max(now - window_t0, 1e-9)
                         row = {
@@ -637,8 +684,11 @@ class Trainer:
                             "skipped_epoch": self.state.skipped_per_epoch[epoch],
                             "skipped_total": self.state.skipped_total,
                             **{k: float(v) for k, v in metrics.items() if k != "loss"},
+                            **self._eval_row,  # knn_top1, feat_rank, eval_seconds when an evaluation ran
                         }
+                        self._eval_row = {}
                         self._log(row)
+                        self._watch(row)
                         if progress is not None:
                             progress.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
                         window_loss, window_n, window_t0, window_samples = 0.0, 0, now, 0
@@ -655,13 +705,15 @@ class Trainer:
                     if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
                         self.state.epoch += 1
                         self.state.batches_done = 0
-                    if by_steps or by_time or signalled or time_up:
+                    if by_steps or by_time or signalled or time_up or collapse:
                         self._save()
                         last_ckpt_time = time.monotonic()
                     if signalled:
                         stopped = "signal"
                     elif time_up:
                         stopped = "max_minutes"
+                    elif collapse:
+                        stopped = "collapse"
                     if stopped or self.state.step >= self.total_steps:
                         break
                     if self.state.batches_done == 0:  # epoch finished
@@ -706,6 +758,8 @@ class Trainer:
             stopped_early=stopped,
             skipped_samples=self.state.skipped_total,
             skipped_per_epoch=list(self.state.skipped_per_epoch),
+            online_knn=knn_summary(self.metrics_path) if self.is_main else {},
+            collapse_alarms=list(self.alarms.fired_dicts()) if self.alarms is not None and self.is_main else [],
         )
         if self.is_main:
             write_text_atomic(self.out_dir / "train_summary.json",

@@ -178,10 +178,12 @@ def test_labels_outside_the_head_are_refused():
 # -------------------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("head", ["linear", "cosine"])
-def test_supervised_training_lowers_the_loss(digits_shards, tmp_path, head):
+@pytest.mark.parametrize("head,metric_loss", [("linear", "none"), ("cosine", "none"), ("centre", "none"),
+                                              ("cosine", "triplet"), ("centre", "centre")])
+def test_supervised_training_lowers_the_loss(digits_shards, tmp_path, head, metric_loss):
     out = tmp_path / "run"
     r = supervised_recipe(digits_shards, out, f"objective.supervised.head={head}", "run.max_steps=80",
+                          f"objective.supervised.metric_loss={metric_loss}",
                           "optim.base_lr=6e-2", "optim.warmup_steps=5", "objective.supervised.label_smoothing=0",
                           "objective.supervised.crop_scale=[0.8,1.0]", "objective.supervised.hflip=false",
                           "objective.supervised.pool=mean", "model.drop_path_rate=0.1")
@@ -191,6 +193,65 @@ def test_supervised_training_lowers_the_loss(digits_shards, tmp_path, head):
     first, last = np.mean([x["loss"] for x in rows[:10]]), np.mean([x["loss"] for x in rows[-10:]])
     assert last < first - 0.15, (first, last)
     assert np.mean([x["acc"] for x in rows[-10:]]) > 0.2  # chance is 0.1
+    if metric_loss != "none":  # both terms are logged, and the metric term falls too
+        assert all(x["loss"] == pytest.approx(x["ce_loss"] + x["metric_loss"], rel=1e-5) for x in rows)
+        assert np.mean([x["metric_loss"] for x in rows[-10:]]) < np.mean([x["metric_loss"] for x in rows[:10]])
+
+
+def test_centre_head_scores_scaled_cosine_to_ema_centres_and_metric_losses_add():
+    """The centre head: the first training batch of a class sets its centre to the class mean of the normalised
+    pooled features, logits are cosine_scale x cos; an unseen class scores -scale; the loss is the label-smoothed
+    cross-entropy of those logits plus weight x the metric loss (centre: 1 - cos to the centre)."""
+    from downstream.heads import ClassCentreHead, TripletLoss
+
+    torch.manual_seed(0)
+    cfg = SupervisedConfig(head="centre", cosine_scale=10.0, centre_momentum=0.5, metric_loss="centre",
+                           metric_loss_weight=0.5, label_smoothing=0.1)
+    obj = Supervised(create_backbone(tiny_model()), cfg, num_classes=4).train()
+    images, labels = torch.randn(6, 1, 16, 16), torch.tensor([0, 0, 1, 1, 2, 2])
+    loss, metrics = obj({"image": images, "label": labels})
+    obj.backbone.eval()  # drop path off: the same features again
+    with torch.no_grad():
+        feats = F.normalize(obj.features(images), dim=-1)
+    means = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(3)]), dim=-1)
+    torch.testing.assert_close(obj.head.centres[:3], means)
+    assert obj.head.seen.tolist() == [True, True, True, False]
+    with torch.no_grad():
+        logits = obj.logits(images)
+    expected = 10.0 * torch.cat([feats @ means.t(), -torch.ones(6, 1)], dim=1)
+    torch.testing.assert_close(logits, expected)
+    ce = F.cross_entropy(expected, labels, label_smoothing=0.1)
+    centre = (1 - (feats * means[labels]).sum(1)).mean()
+    assert metrics["ce_loss"] == pytest.approx(float(ce), rel=1e-4)
+    assert metrics["metric_loss"] == pytest.approx(float(centre), rel=1e-4)
+    assert float(loss) == pytest.approx(float(ce + 0.5 * centre), rel=1e-4)
+    # A second batch moves the centres by the EMA rule; an eval forward does not move them.
+    before = obj.head.centres.clone()
+    obj.eval()
+    obj({"image": images, "label": labels})
+    torch.testing.assert_close(obj.head.centres, before)
+    # The triplet term is downstream.heads.TripletLoss on the same pooled features; its own centres are separate.
+    obj = Supervised(create_backbone(tiny_model()), SupervisedConfig(head="linear", metric_loss="triplet",
+                                                                     triplet_margin=0.3), num_classes=4).eval()
+    _, metrics = obj.train()({"image": images, "label": labels})
+    assert isinstance(obj.triplet, TripletLoss) and obj.triplet.margin == 0.3 and obj.centres is None
+    assert metrics["metric_loss"] >= 0
+    assert isinstance(Supervised(create_backbone(tiny_model()), SupervisedConfig(metric_loss="centre"), 4).centres,
+                      ClassCentreHead)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("head=centre", "mixup=0.8"), r"head=centre need each sample's own label.*mixup=0"),
+    (("metric_loss=triplet", "cutmix=1.0"), r"metric_loss=triplet need each sample's own label"),
+    (("head=centroid",), r"objective.supervised.head='centroid': must be one of \['linear', 'cosine', 'centre'\]"),
+    (("metric_loss=arcface",), r"metric_loss='arcface': must be one of"),
+    (("centre_momentum=1.0",), r"centre_momentum=1(\.0)?: must be in \[0, 1\)"),
+])
+def test_head_and_metric_loss_refusals_name_the_key(digits_shards, tmp_path, extra, match):
+    from pretrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=match):
+        supervised_recipe(digits_shards, tmp_path / "r", *(f"objective.supervised.{e}" for e in extra))
 
 
 def test_finetune_at_new_resolution_trains_evaluates_and_reports(pretrained, digits_shards, small_val, tmp_path):
@@ -319,6 +380,25 @@ def test_finetune_on_two_processes_agrees_with_one(digits_shards, small_val, tmp
     single = evaluate(out, str(small_val))
     assert single.confusion_matrix == ranks[0]["confusion_matrix"]
     assert single.top1 == pytest.approx(ranks[0]["top1"])
+
+
+def test_cli_finetune_with_centre_head_and_triplet_loss(pretrained, digits_shards, small_val, tmp_path, capsys):
+    """`finetune ... --head centre --metric-loss triplet` trains a real run whose recipe, report and restored
+    classifier carry that head."""
+    from downstream.__main__ import main
+
+    if "sincos" in str(pretrained):
+        pytest.skip("one pretrained backbone is enough for the CLI")
+    out = tmp_path / "ft"
+    assert main(["finetune", str(pretrained), str(digits_shards), str(small_val), "--out", str(out), "--head",
+                 "centre", "--metric-loss", "triplet", *QUIET, "run.max_steps=4", "optim.warmup_steps=1"]) == 0
+    assert "finetune: top-1" in capsys.readouterr().out
+    recipe = load_recipe(out / "recipe.yaml")
+    assert (recipe.objective.supervised.head, recipe.objective.supervised.metric_loss) == ("centre", "triplet")
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["settings"]["head"] == "centre" and saved["settings"]["metric_loss"] == "triplet"
+    # The centres are buffers of the checkpoint: the classifier rebuilt from it scores the same.
+    assert evaluate(out, str(small_val)).top1 == pytest.approx(saved["top1"])
 
 
 def test_cli_takes_overrides_before_or_after_options(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -219,3 +220,67 @@ def test_triplet_loss_learns_blobs():
     after = nn_accuracy()
     assert before < 0.8 and after >= 0.99, (before, after)
     assert sum(losses[-20:]) < 0.25 * sum(losses[:20])
+
+
+# ------------------------------------------------------------------------------ heads as probes (probe --head)
+
+
+@pytest.fixture(scope="module")
+def digits_pixels():
+    """scikit-learn's digits, raw pixels / 16, split 70/30 (stratified, seeded) into train and test rows."""
+    from sklearn.datasets import load_digits
+
+    from downstream.probe import held_out_split
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
+    train, test = held_out_split(y, 0.3, seed=0)
+    return x[train], y[train], x[test], y[test]
+
+
+def test_centre_head_is_the_nearest_class_mean_by_cosine(digits_pixels):
+    from downstream.probe import probe_features
+
+    train_x, train_y, test_x, test_y = digits_pixels
+    r = probe_features(*digits_pixels, head="centre")
+    # Brute force: each class's mean of unit-length train rows, renormalised; a test row takes the most similar.
+    unit = F.normalize(train_x, dim=1)
+    centres = F.normalize(torch.stack([unit[train_y == c].mean(0) for c in range(10)]), dim=1)
+    expected = (F.normalize(test_x, dim=1) @ centres.t()).argmax(1)
+    assert r.protocol == "centre" and r.selection.startswith("none")
+    assert r.top1 == pytest.approx(float((expected == test_y).float().mean()))
+    assert r.confusion_matrix == torch.bincount(test_y * 10 + expected, minlength=100).view(10, 10).tolist()
+    assert 0.85 < r.top1 < 1.0
+    torch.testing.assert_close(r.classifier.centres, centres)
+    assert isinstance(r.classifier, ClassCentreHead)
+
+
+def test_cosine_head_trained_on_frozen_features(digits_pixels):
+    from downstream.probe import probe_features
+
+    test_x, test_y = digits_pixels[2], digits_pixels[3]
+    r = probe_features(*digits_pixels, head="cosine", min_steps=300, epochs=20)
+    assert r.protocol == "cosine" and isinstance(r.classifier, CosineClassifier)
+    assert r.top1 > 0.93, r.top1
+    with torch.no_grad():
+        assert float((r.classifier(test_x).argmax(1) == test_y).float().mean()) == pytest.approx(r.top1)
+    assert r.settings["chosen_on_held_out"]["held_out_rows"] > 0 and "held-out train rows" in r.selection
+    assert float(r.classifier.scale.detach()) != pytest.approx(16.0)  # the scale was learned
+
+
+def test_cli_probe_head_centre(digits_shards, tmp_path, capsys):
+    from downstream.__main__ import main
+    from pretrain.backbone import create_backbone, export_backbone
+    from pretrain.recipe import ModelConfig
+
+    torch.manual_seed(0)
+    backbone = create_backbone(ModelConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                                           num_heads=2, mlp_ratio=2.0))
+    export_backbone(backbone, tmp_path / "export")
+    out = tmp_path / "report"
+    assert main(["probe", str(tmp_path / "export"), str(digits_shards), str(digits_shards), "--head", "centre",
+                 "--pooling", "mean", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    data = json.loads((out / "centre.json").read_text())
+    assert data["protocol"] == "centre" and data["num_train"] == data["num_test"] == 1797
+    assert data["top1"] > 0.3 and (out / "centre_confusion.png").is_file()
+    assert "centre: top-1" in capsys.readouterr().out

@@ -1,4 +1,8 @@
-"""Linear probes (MAE's, DINO's protocol), k-NN (DINO's protocol), their metrics and their JSON + PNG reports."""
+"""Linear probes (MAE's, DINO's protocol), k-NN (DINO's protocol), their metrics and their JSON + PNG reports.
+
+The probes are held to an independent reference on the same features: scikit-learn's LogisticRegression on
+standardised features with C tuned on the same held-out split of train (digits pixels here; a tiny ViT's
+features in the slow tier)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from downstream.probe import (
+    HeadwiseSGD,
     LinearHeads,
     ProbeResult,
+    Standardize,
     _fit,
     check_features,
     classification_metrics,
@@ -103,41 +109,69 @@ def test_held_out_split_is_stratified_seeded_and_disjoint():
 # ------------------------------------------------------------------------------------------------ probes
 
 
-def test_one_multi_head_pass_equals_separate_sgd_runs():
-    """The lr sweep trains all heads at once by scaling each head's gradient: exactly plain SGD per lr."""
-    x, y = blobs(40, num_classes=4, dim=8)
-    lrs = [0.05, 0.4]
-    multi = LinearHeads(8, 4, num_heads=2)
+@pytest.mark.parametrize("lars,batch_norm", [(False, False), (False, True), (True, False), (True, True)])
+def test_one_multi_head_pass_equals_separate_runs_of_torch_sgd_and_timm_lars(lars, batch_norm):
+    """A sweep trains all its heads at once, each with its own lr and weight decay: exactly torch.optim.SGD
+    (DINO's probe) or timm's Lars (MAE's) run once per head."""
+    from timm.optim import Lars
+
+    x, y = blobs(40, num_classes=4, dim=8, spread=2.0)
+    x = x * 3 + 1
+    lrs, wds = [0.05, 0.4, 1.0], [0.0, 1e-3, 1e-1]
+
+    def fit(model, opt):
+        _fit(model, x, y, opt, epochs=3, warmup_epochs=1, batch_size=32, generator=torch.Generator().manual_seed(5))
+
+    multi = LinearHeads(8, 4, num_heads=3, batch_norm=batch_norm)
     multi.reset_parameters(torch.Generator().manual_seed(1))
-    singles = []
-    for h in range(2):
-        single = LinearHeads(8, 4, num_heads=1)
-        with torch.no_grad():
-            single.weight.copy_(multi.weight[h : h + 1])
-            single.bias.copy_(multi.bias[h : h + 1])
-        singles.append(single)
-    opt = torch.optim.SGD(multi.parameters(), lr=1.0, momentum=0.9)
-    _fit(multi, x, y, opt, epochs=3, warmup_epochs=0, batch_size=32, generator=torch.Generator().manual_seed(5),
-         head_lr=torch.tensor(lrs))
-    for h, single in enumerate(singles):
-        opt = torch.optim.SGD(single.parameters(), lr=lrs[h], momentum=0.9)
-        _fit(single, x, y, opt, epochs=3, warmup_epochs=0, batch_size=32, generator=torch.Generator().manual_seed(5))
-        torch.testing.assert_close(multi.weight[h], single.weight[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(multi.bias[h], single.bias[0], rtol=1e-5, atol=1e-6)
+    start = multi.weight.detach().clone()
+    fit(multi, HeadwiseSGD([
+        {"params": [multi.weight], "head_lr": torch.tensor(lrs), "head_wd": torch.tensor(wds), "lars": lars},
+        {"params": [multi.bias], "head_lr": torch.tensor(lrs), "head_wd": torch.zeros(3), "lars": False},
+    ], momentum=0.9))  # fmt: skip
+    for h in range(3):
+        single = LinearHeads(8, 4, num_heads=1, batch_norm=batch_norm)
+        single.reset_parameters(torch.Generator().manual_seed(1))
+        if lars:
+            opt = Lars([{"params": [single.weight], "weight_decay": wds[h], "always_adapt": True},
+                        {"params": [single.bias], "weight_decay": 0.0, "always_adapt": False}], lr=lrs[h], momentum=0.9)
+        else:
+            opt = torch.optim.SGD([{"params": [single.weight], "weight_decay": wds[h]}, {"params": [single.bias]}],
+                                  lr=lrs[h], momentum=0.9)
+        fit(single, opt)
+        assert not torch.allclose(single.weight[0], start[h])  # it trained
+        torch.testing.assert_close(multi.weight[h], single.weight[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(multi.bias[h], single.bias[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer,base_lr", [("sgd", 0.1), ("lars", 4.0)])
+def test_standardize_folds_into_one_linear_and_survives_constant_features():
+    x = torch.randn(50, 4) * torch.tensor([1.0, 10.0, 0.01, 0.0]) + torch.tensor([5.0, -3.0, 2.0, 7.0])
+    norm = Standardize.fit(x)
+    z = norm(x)
+    torch.testing.assert_close(z[:, :3].mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z[:, :3].std(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    assert z[:, 3].abs().max() == 0 and norm.std[3] == 1  # a constant feature maps to 0, not to x / 0
+    linear = torch.nn.Linear(4, 3)
+    folded = norm.fold_into(linear)
+    probe = torch.randn(7, 4)
+    torch.testing.assert_close(folded(probe), linear(norm(probe)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer,base_lr", [("sgd", 0.1), ("lars", 10.0)])
 def test_mae_probe_learns_a_separable_problem(optimizer, base_lr):
     train_x, train_y = blobs(80)
     test_x, test_y = blobs(40, seed=1)
     r = linear_probe_mae(train_x, train_y, test_x, test_y, epochs=20, warmup_epochs=2, batch_size=64,
-                         base_lr=base_lr, optimizer=optimizer)
+                         base_lr=base_lr, optimizer=optimizer, min_steps=0, weight_decays=(0.0, 1e-4))
     assert r.protocol == f"mae-{optimizer}" and r.top1 >= 0.99 and r.top5 == 1.0
     assert r.num_train == 400 and r.num_test == 200 and r.num_classes == 5
     assert r.settings["lr"] == pytest.approx(base_lr * 64 / 256) and r.settings["base_lr"] == base_lr
-    assert r.settings["epochs"] == 20 and r.settings["batch_size"] == 64
+    assert r.settings["epochs"] == r.settings["epochs_run"] == 20 and r.settings["batch_size"] == 64
+    assert r.settings["norm"] == "batchnorm" and r.settings["weight_decay"] in (0.0, 1e-4)
+    assert len(r.sweep) == 2 and r.settings["chosen_on_held_out"]["held_out_rows"] == 80
     assert np.asarray(r.confusion_matrix).sum() == 200
     # The trained classifier is a plain (BatchNorm, Linear) that gives the reported predictions.
+    assert isinstance(r.classifier[0], torch.nn.BatchNorm1d)
     with torch.no_grad():
         preds = r.classifier(test_x).argmax(1)
     assert float((preds == test_y).float().mean()) == pytest.approx(r.top1)
@@ -146,27 +180,136 @@ def test_mae_probe_learns_a_separable_problem(optimizer, base_lr):
 def test_dino_probe_learns_a_separable_problem():
     train_x, train_y = blobs(80)
     test_x, test_y = blobs(40, seed=1)
-    r = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=15, batch_size=64,
+    r = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=15, batch_size=64, min_steps=0,
                           classes=["a", "b", "c", "d", "e"])
     assert r.protocol == "dino" and r.top1 >= 0.99 and r.top5 == 1.0
-    assert len(r.sweep) == 6 and {"base_lr", "lr", "held_out_top1", "held_out_loss"} <= set(r.sweep[0])
-    assert r.settings["base_lr"] in [s["base_lr"] for s in r.sweep]
-    assert "40 held-out train rows" in r.selection and r.classes == ["a", "b", "c", "d", "e"]
+    assert len(r.sweep) >= 30 and {"base_lr", "lr", "weight_decay", "held_out_top1", "held_out_loss",
+                                   "fit_objective"} <= set(r.sweep[0])
+    chosen = r.settings["chosen_on_held_out"]
+    assert (chosen["base_lr"], chosen["weight_decay"]) == (r.settings["base_lr"], r.settings["weight_decay"])
+    assert "80 held-out train rows" in r.selection and r.classes == ["a", "b", "c", "d", "e"]
+    # Standardisation is folded in: the classifier is one Linear on the raw features.
+    assert len(r.classifier) == 1 and isinstance(r.classifier[0], torch.nn.Linear)
+    with torch.no_grad():
+        assert float((r.classifier(test_x).argmax(1) == test_y).float().mean()) == pytest.approx(r.top1)
 
 
-def test_dino_lr_choice_ignores_the_test_set():
+def test_dino_choice_ignores_the_test_set():
     """Model selection sees only the held-out part of train: test labels (or features) change nothing in it."""
-    train_x, train_y = blobs(30, spread=2.0)  # overlapping classes: the lrs really differ on held-out rows
+    train_x, train_y = blobs(30, spread=2.0)  # overlapping classes: the candidates really differ on held-out rows
     test_x, test_y = blobs(20, seed=1, spread=2.0)
-    kwargs = dict(epochs=5, batch_size=32, base_lrs=(1e-3, 1e-2, 1e-1, 1.0), refit=False)
+    kwargs = dict(epochs=5, batch_size=32, min_steps=0, base_lrs=(1e-3, 1e-2, 1e-1, 1.0), refit=False)
     a = linear_probe_dino(train_x, train_y, test_x, test_y, **kwargs)
     perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(7))
     b = linear_probe_dino(train_x, train_y, test_x, test_y[perm], **kwargs)
     c = linear_probe_dino(train_x, train_y, torch.randn_like(test_x), torch.zeros_like(test_y), **kwargs)
     assert a.sweep == b.sweep == c.sweep
     assert a.settings == b.settings == c.settings
-    assert len({s["held_out_top1"] for s in a.sweep}) > 1, "the sweep should tell the lrs apart"
+    assert len({s["held_out_top1"] for s in a.sweep}) > 1, "the sweep should tell the candidates apart"
     assert a.top1 != b.top1  # the test score itself does follow the test labels
+
+
+def test_a_grid_edge_optimum_extends_the_grid_and_records_it():
+    """lr: too small a grid -> the best (lowest training objective) is its top -> grown up to 3 times, then said
+    to still be on the edge. Weight decay: too strong a grid -> the best is its bottom -> grown downwards."""
+    train_x, train_y = blobs(30, spread=1.5)
+    test_x, test_y = blobs(20, seed=1, spread=1.5)
+    kwargs = dict(epochs=20, batch_size=64, min_steps=0)
+    r = linear_probe_dino(train_x, train_y, test_x, test_y, base_lrs=(1e-5, 3e-5), weight_decays=(0.0,), **kwargs)
+    grid = r.settings["grid"]
+    assert [(e["hyper_parameter"], e["direction"], e["added"]) for e in grid["extensions"]] == [
+        ("base_lr", "up", 9e-5), ("base_lr", "up", 2.7e-4), ("base_lr", "up", 8.1e-4)]
+    assert grid["base_lrs"] == [1e-5, 3e-5, 9e-5, 2.7e-4, 8.1e-4] and grid["still_on_edge"] == ["base_lr"]
+    assert r.settings["base_lr"] == 8.1e-4 and len(r.sweep) == 5
+    assert "grid extended at its edge: base_lr up to 9e-05" in r.selection and "still on the grid's edge" in r.selection
+    # A candidate's numbers do not depend on the grid around it (same init, same batches).
+    alone = linear_probe_dino(train_x, train_y, test_x, test_y, base_lrs=(9e-5,), weight_decays=(0.0,), **kwargs)
+    assert alone.sweep[0] | {"round": 1} == next(s for s in r.sweep if s["base_lr"] == 9e-5)
+    once = linear_probe_dino(train_x, train_y, test_x, test_y, base_lrs=(1e-5, 3e-5), weight_decays=(0.0,),
+                             max_grid_extensions=1, **kwargs)
+    assert len(once.settings["grid"]["extensions"]) == 1
+
+    heavy = linear_probe_mae(train_x, train_y, test_x, test_y, base_lr=1.0, optimizer="sgd",
+                             weight_decays=(3.0, 10.0), **kwargs)
+    moves = [(e["hyper_parameter"], e["direction"]) for e in heavy.settings["grid"]["extensions"]]
+    assert moves and set(moves) == {("weight_decay", "down")} and heavy.settings["weight_decay"] < 3.0
+    assert heavy.settings["grid"]["base_lrs"] == [1.0]  # a single value is fixed, never grown
+
+
+# ------------------------------------------------------------------ against scikit-learn on the same features
+
+
+def sklearn_reference(train_x, train_y, test_x, test_y, held_out_fraction: float, seed: int = 0) -> dict:
+    """LogisticRegression on standardised features, C over half-decades 1e-4..1e4 chosen on the same held-out
+    split of train the probes use (best held-out accuracy, then log-loss), refit on all of train, test top-1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    fit, held = held_out_split(train_y, held_out_fraction, seed)
+    x, y, xt, yt = train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy()
+    scores = []
+    for c in 10.0 ** np.arange(-4, 4.01, 0.5):
+        scaler = StandardScaler().fit(x[fit])
+        model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x[fit]), y[fit])
+        h = scaler.transform(x[held])
+        scores.append((model.score(h, y[held]), -log_loss(y[held], model.predict_proba(h), labels=model.classes_), c))
+    best_c = max(scores)[2]
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=best_c, max_iter=5000).fit(scaler.transform(x), y)
+    return {"top1": model.score(scaler.transform(xt), yt), "C": best_c}
+
+
+@pytest.fixture(scope="module")
+def digits_features():
+    """Digits split 70/30 (stratified, seeded): raw pixels / 16, and a tiny random timm ViT's mean-pooled tokens."""
+    from sklearn.datasets import load_digits
+
+    from downstream.features import embed_batch
+    from pretrain.backbone import create_backbone
+    from pretrain.recipe import ModelConfig
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)
+    train, test = held_out_split(y, 0.3, seed=0)
+    torch.manual_seed(0)
+    vit = create_backbone(ModelConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                                      mlp_ratio=2.0)).eval()
+    vit_x = embed_batch(vit, (x.view(-1, 1, 8, 8) - 0.5) / 0.5, "mean")
+    return {name: (f[train], y[train], f[test], y[test]) for name, f in (("pixels", x), ("vit", vit_x))}
+
+
+PROBES = {"dino": linear_probe_dino, "mae": linear_probe_mae}
+
+
+def assert_matches_sklearn(features, protocol, **kwargs):
+    reference = sklearn_reference(*features, held_out_fraction=0.2)
+    r = PROBES[protocol](*features, **kwargs)
+    assert r.top1 >= reference["top1"] - 0.005, (protocol, r.top1, reference, r.selection)
+    assert r.settings["chosen_on_held_out"]["held_out_rows"] == len(held_out_split(features[1], 0.2, 0)[1])
+    return r, reference
+
+
+@pytest.mark.parametrize("protocol", ["dino", "mae"])
+def test_probe_matches_sklearn_on_digits_pixels(digits_features, protocol):
+    """Fast tier: four weight decays and 300 steps (digits pixels are well conditioned)."""
+    assert_matches_sklearn(digits_features["pixels"], protocol, min_steps=300, weight_decays=(0, 1e-4, 1e-3, 1e-2))
+
+
+# Known limit, measured: on a *random* tiny ViT's mean-pooled tokens scikit-learn's held-out split picks C=1e4
+# (no regularisation) and lbfgs reaches a train cross-entropy of 0.119; SGD momentum 0.9 on these badly
+# conditioned features is at 0.217 after 3,000 steps and 0.186 after 10,000, so both protocols land ~1 point
+# below (0.881 / 0.883 vs 0.892). Trained features (the demo MAE's) and pixels are within the half point.
+RANDOM_VIT_LIMIT = pytest.mark.xfail(reason="SGD does not reach the unregularised optimum sklearn picks on a random "
+                                            "ViT's ill-conditioned features in 3,000 steps", strict=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("features", ["pixels", pytest.param("vit", marks=RANDOM_VIT_LIMIT)])
+@pytest.mark.parametrize("protocol", ["dino", "mae"])
+def test_probe_with_its_defaults_matches_sklearn(digits_features, protocol, features):
+    """The protocols exactly as `python -m downstream probe` runs them (about a minute each on one core)."""
+    assert_matches_sklearn(digits_features[features], protocol)
 
 
 # --------------------------------------------------------------------------------------------------- k-NN
@@ -225,7 +368,7 @@ def test_result_writes_json_and_confusion_png(tmp_path):
     assert data["classes"] == classes and data["top1"] == r.top1 and len(data["confusion_matrix"]) == 5
     assert paths["confusion_png"].read_bytes()[:8] == PNG
     assert not list((tmp_path / "report").glob("*.tmp")) and not list((tmp_path / "report").glob(".*"))
-    probe = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=2, batch_size=64)
+    probe = linear_probe_dino(train_x, train_y, test_x, test_y, epochs=2, batch_size=64, min_steps=0)
     assert set(probe.save(tmp_path / "report", name="dino-cls")) == {"json", "confusion_png"}
     assert set(ProbeResult.__dataclass_fields__) - set(probe.to_dict()) == {"classifier"}
 
@@ -272,10 +415,12 @@ def test_probe_checkpoint_embeds_probes_and_reports(tmp_path):
     assert (tmp_path / "report" / "knn_confusion.png").read_bytes()[:8] == PNG
 
     dino = probe_checkpoint(tmp_path / "export", train, test, protocol="dino", cache_dir=tmp_path / "cache",
-                            epochs=5, base_lrs=(0.1, 1.0))
+                            epochs=5, min_steps=0, base_lrs=(0.1, 1.0), weight_decays=(0.0,), max_grid_extensions=0)
     assert dino.settings["features"]["cached"] and len(dino.sweep) == 2  # embedded once, probed twice
     with pytest.raises(ValueError, match="protocol='svm'"):
         probe_checkpoint(backbone, train, test, protocol="svm")
+    with pytest.raises(ValueError, match="head='svm'"):
+        probe_checkpoint(backbone, train, test, head="svm")
     with pytest.raises(FeatureError, match="3-channel"):
         rgb = create_backbone(ModelConfig(img_size=8, patch_size=4, in_chans=3, embed_dim=32, depth=1, num_heads=2))
         probe_checkpoint(rgb, train, test, protocol="knn")

@@ -226,6 +226,7 @@ class DINO(Objective):
             p.requires_grad_(False)
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.monitor = CollapseMonitor(cfg.collapse_warn_std, cfg.collapse_warn_every)
+        self.uniform_entropy = math.log(cfg.out_dim)  # ln K: the entropy of uniform outputs
         self.epoch = 0
         self.backbone.eval()
         self.teacher_head.eval()
@@ -250,7 +251,10 @@ class DINO(Objective):
         student_out = self.student_head(_multicrop_embed(self.student_backbone, views))
         loss, stats = self.loss_fn(student_out, teacher_out, temp)
         metrics = {"loss": float(loss.detach()), **stats, "teacher_temp": temp,
-                   **self.monitor.measure(teacher_emb)}
+                   **self.monitor.measure(teacher_emb),
+                   # What the collapse alarms (pretrain.evaluate) compare with: a teacher whose outputs went uniform
+                   # has entropy ln K, and the loss (cross-entropy to it) is then at least ln K.
+                   "loss_ceiling": self.uniform_entropy, "teacher_entropy_ceiling": self.uniform_entropy}
         return loss, metrics
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:

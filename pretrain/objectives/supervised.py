@@ -141,15 +141,22 @@ class Supervised(Objective):
         self.mean, self.std = mean, std
 
         dim = backbone.embed_dim
+        # downstream owns the heads and metric losses; imported only when asked for, so pretrain stays free of it
+        if cfg.head in ("cosine", "centre") or cfg.metric_loss != "none":
+            from downstream.heads import ClassCentreHead, CosineClassifier, TripletLoss
         if cfg.head == "cosine":
-            # downstream owns the heads; imported here only when asked for, so pretrain stays free of it otherwise
-            from downstream.heads import CosineClassifier
-
             self.head: nn.Module = CosineClassifier(dim, num_classes, cfg.cosine_scale, cfg.learn_scale)
+        elif cfg.head == "centre":
+            self.head = ClassCentreHead(dim, num_classes, cfg.centre_momentum)
         else:
             self.head = nn.Linear(dim, num_classes)
             nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
             nn.init.zeros_(self.head.bias)
+        # the centre loss pulls features to EMA centres: the centre head's own, else a set kept for the loss alone
+        self.centres: nn.Module | None = None
+        if cfg.metric_loss == "centre" and cfg.head != "centre":
+            self.centres = ClassCentreHead(dim, num_classes, cfg.centre_momentum)
+        self.triplet = TripletLoss(cfg.triplet_margin) if cfg.metric_loss == "triplet" else None
         self.mixup: Mixup | None = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(
@@ -172,15 +179,26 @@ class Supervised(Objective):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = self._inputs(batch)
+        out: dict[str, float] = {}
         if self.training and self.mixup is not None:
             images, targets = self.mix(images, labels)
             logits = self.logits(images)
             loss = self.soft_ce(logits, targets)
         else:
-            logits = self.logits(images)
+            feats = self.features(images)
+            if self.training:
+                # EMA centres move with this batch's features before they score it, so every class in the batch
+                # has a centre (the first batch of a class starts its centre at the class mean)
+                for centres in self._ema_centres():
+                    centres.update(feats.detach(), labels)
+            logits = self.head_logits(feats)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+            if self.training and self.cfg.metric_loss != "none":
+                extra = self.metric_loss(feats, labels)
+                out["ce_loss"], out["metric_loss"] = float(loss.detach()), float(extra.detach())
+                loss = loss + self.cfg.metric_loss_weight * extra
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return loss, {"loss": float(loss.detach()), "acc": float(acc)}
+        return loss, {"loss": float(loss.detach()), "acc": float(acc), **out}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The backbone's own layer grouping (embeddings, blocks.i, final norm with the last block), under
@@ -197,7 +215,24 @@ class Supervised(Objective):
         return tokens[:, 0]
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        return self.head_logits(self.features(images))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """Class scores of pooled features. The centre head scores cosine_scale x cos(feature, centre); a class
+        with no centre yet gets cos = -1 (finite, so label smoothing's sum over every class stays finite)."""
+        if self.cfg.head == "centre":
+            return self.cfg.cosine_scale * self.head(feats).clamp_min(-1.0)
+        return self.head(feats)
+
+    def metric_loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The recipe's metric_loss on pooled features: batch-hard triplet, or 1 - cos to the class centre."""
+        if self.triplet is not None:
+            return self.triplet(feats, labels)
+        return self._ema_centres()[-1].centre_loss(feats, labels)
+
+    def _ema_centres(self) -> list[nn.Module]:
+        """The ClassCentreHeads whose centres follow the training features (the head, the centre loss's)."""
+        return [m for m in ((self.head if self.cfg.head == "centre" else None), self.centres) if m is not None]
 
     def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup/CutMix the batch; returns (mixed images, soft targets (B, num_classes), smoothed).
