@@ -200,7 +200,7 @@ def _query(a: argparse.Namespace) -> int:
               f"{result.skipped[0]['input']}: {result.skipped[0]['reason']}", file=sys.stderr)
     if a.quiet or to_stdout or result.count > 1:
         say(f"{result.count} queries answered")
-    for what, path in (("contact sheet", result.sheet), ("json", a.json), ("jsonl", a.jsonl if not to_stdout else None)):
+    for what, path in (("contact sheet", result.sheet), ("json", a.json), ("jsonl", None if to_stdout else a.jsonl)):
         if path:
             say(f"{what}: {path}")
     return 0

@@ -71,13 +71,24 @@ def _result_image(result: dict) -> Any:
     return None
 
 
+def _fit(text: str, width: int, *, keep_end: bool = False) -> str:
+    """`text` cut to `width` characters with an ellipsis; `keep_end` keeps its end (a path's file name)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):] if keep_end else text[: width - 1] + "…"
+
+
 def _result_text(result: dict, width: int) -> str:
     label = result.get("label_name") or result.get("caption") or ""
     if not label and result.get("label") is not None:
         label = str(result["label"])
-    label = label if len(label) <= width else label[: width - 1] + "…"
+    lines = [_fit(label, width)]
     score = result.get("score")
-    return f"{score:.3f}\n{label}" if score is not None else label
+    if score is not None:
+        lines.insert(0, f"{score:.3f}")
+    if result.get("source"):
+        lines.append(_fit(str(result["source"]), width, keep_end=True))
+    return "\n".join(lines)
 
 
 def _show(ax, image: Any) -> None:
@@ -105,8 +116,9 @@ def contact_sheet_png(
     """Draw each query (left) beside its results and write a PNG atomically; returns the path.
 
     A result is a dict with the picture under "image" (or "thumbnail", e.g. a row from `RetrievalIndex.rows_for`
-    plus "score"), a "score", and "label_name" or "caption" for its caption. An optional "match" (bool) colours
-    the caption green or red. Pictures are PIL images, arrays or PNG/JPEG bytes.
+    plus "score"), a "score", "label_name" or "caption" for its caption, and optionally its "source" name (shown
+    below, its end kept when it is long). An optional "match" (bool) colours the caption green or red. Pictures
+    are PIL images, arrays or PNG/JPEG bytes. A query title may have several lines (its source on the second).
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -122,14 +134,17 @@ def contact_sheet_png(
             if not isinstance(r, dict):
                 raise ValueError(f"result {j} of query {i} must be a dict, got {type(r).__name__}")
     k = max(1, max(len(line) for line in results))
-    fig = Figure(figsize=((k + 1) * cell_inches + 0.2, len(queries) * (cell_inches + 0.45)), dpi=dpi)
+    lines = max([1 + (r.get("source") is not None) for line in results for r in line]
+                + [len(t.splitlines()) - 1 for t in query_titles or []] + [1])
+    fig = Figure(figsize=((k + 1) * cell_inches + 0.2, len(queries) * (cell_inches + 0.3 + 0.15 * lines)), dpi=dpi)
     axes = fig.subplots(len(queries), k + 1, squeeze=False)
     width = max(8, int(cell_inches * 11))
     for i, (query, line) in enumerate(zip(queries, results)):
         _show(axes[i][0], query)
         title = query_titles[i] if query_titles is not None else "query"
-        axes[i][0].set_title(title if len(title) <= width else title[: width - 1] + "…", fontsize=8,
-                             fontweight="bold")
+        first, *rest = title.splitlines() or [""]
+        title = "\n".join([_fit(first, width, keep_end="/" in first), *(_fit(t, width, keep_end=True) for t in rest)])
+        axes[i][0].set_title(title, fontsize=8, fontweight="bold")
         for spine in axes[i][0].spines.values():
             spine.set_linewidth(2.5)
         for j in range(k):

@@ -3,7 +3,10 @@
 An index folder holds three files, written together (the folder is built under a temporary name and renamed):
 
     index.faiss   the vectors (`faiss.write_index`); ids are row numbers 0..N-1
-    meta.sqlite   one row per vector: id, key, shard, label, label_name, caption, thumbnail (PNG bytes)
+    meta.sqlite   one row per vector: id, key, shard, label, label_name, caption, source (the sample's source name:
+                  file path relative to the source root, or a table's row id), meta (the sample's .json, as
+                  JSON text), thumbnail (PNG bytes); an index saved before source names lacks source and meta:
+                  they read as None, and the first `add` gives the table those columns
     info.json     what the vectors are: checkpoint fingerprint, pooling, dim, normalisation, factory,
                   count, search parameters, checksums of the other two files
 
@@ -28,13 +31,19 @@ from typing import Any
 import faiss
 import numpy as np
 
+from downstream.metrics import map_from_hits, recall_from_hits
 from shards.atomic import atomic_path
+from shards.sources import source_stem
 
 FORMAT = "vitssl-retrieval/1"
 INDEX_NAME = "index.faiss"
 META_NAME = "meta.sqlite"
 INFO_NAME = "info.json"
-ROW_FIELDS = ("key", "shard", "label", "label_name", "caption", "thumbnail")
+ROW_FIELDS = ("key", "shard", "label", "label_name", "caption", "source", "meta", "thumbnail")
+_TEXT_FIELDS = ("shard", "label_name", "caption", "source")
+_ADDED_COLUMNS = {"source": "TEXT", "meta": "TEXT"}  # columns that indexes saved before source names lack
+# What `index eval --relevant field:NAME` may name besides the fields of each sample's .json (`row_field`).
+DERIVED_FIELDS = ("source_stem",)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Keys of info.json that the index computes itself; a caller's `info` may repeat them only with equal values.
 COMPUTED_INFO = ("format", "dim", "count", "normalized", "metric", "factory", "faiss_version", "search_params",
@@ -48,7 +57,9 @@ CREATE TABLE meta (
     label INTEGER,
     label_name TEXT,
     caption TEXT,
-    thumbnail BLOB
+    thumbnail BLOB,
+    source TEXT,
+    meta TEXT
 )
 """
 _SQL_CHUNK = 900  # stays under SQLite's host-parameter limit on old builds (999)
@@ -125,12 +136,70 @@ def _clean_row(row: dict, n: int) -> tuple:
                                  "(see downstream.contact_sheet.thumbnail_png)")
         thumb = bytes(thumb)
     texts = []
-    for name in ("shard", "label_name", "caption"):
+    for name in _TEXT_FIELDS:
         v = row.get(name)
         if v is not None and not isinstance(v, str):
             raise RetrievalError(f"row {n} ({key}): {name} must be a string or None, got {type(v).__name__}")
         texts.append(v)
-    return key, texts[0], label, texts[1], texts[2], thumb
+    meta = row.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise RetrievalError(f"row {n} ({key}): meta must be a dict (the sample's .json) or None, "
+                                 f"got {type(meta).__name__}")
+        try:
+            meta = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise RetrievalError(f"row {n} ({key}): meta is not JSON-serialisable ({e})") from e
+    return key, texts[0], label, texts[1], texts[2], thumb, texts[3], meta
+
+
+_INSERT = ("INSERT INTO meta (id, key, shard, label, label_name, caption, thumbnail, source, meta) "
+           f"VALUES ({', '.join('?' * 9)})")
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {rec[1] for rec in db.execute("PRAGMA table_info(meta)")}
+
+
+def _parse_meta(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def comparable(value: Any) -> Any:
+    """A hashable stand-in for a metadata value, equal exactly when the values are: strings and ints stay as
+    they are, anything else (float, bool, list, object) becomes its canonical JSON; None stays None (no value)."""
+    if value is None or (isinstance(value, (str, int)) and not isinstance(value, bool)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def row_field(row: dict, name: str) -> Any:
+    """The value of field `name` for a metadata row (`rows_for`, `downstream.shard_index.metadata_rows`):
+    one of its columns (key, shard, label, label_name, caption, source), `source_stem` (the source's file name
+    without its image extension), or else the field `name` of the sample's .json (`row["meta"]`); None when
+    absent. Comparable with `==` (see `comparable`)."""
+    if name == "source_stem":
+        return source_stem(row.get("source"))
+    if name in ROW_FIELDS and name not in ("meta", "thumbnail"):
+        return comparable(row.get(name))
+    meta = row.get("meta")
+    return comparable(meta.get(name)) if isinstance(meta, dict) else None
+
+
+def parse_relevant(spec: str) -> str:
+    """`label`, `key` or `field:NAME` (what makes an indexed item relevant to a query) -> the field compared."""
+    if spec in ("label", "key"):
+        return spec
+    if isinstance(spec, str) and spec.startswith("field:") and spec[len("field:"):].strip():
+        return spec[len("field:"):].strip()
+    raise RetrievalError(f"relevant={spec!r}: use label, key or field:NAME (NAME: source, source_stem, shard, "
+                         "caption, label_name or any field of the samples' .json)")
 
 
 def _sha256(path: Path) -> str:
@@ -161,6 +230,7 @@ class RetrievalIndex:
         self.info = info
         self._db = db
         self._folder = folder  # set when `_db` is the read-only meta.sqlite of a loaded folder
+        self._columns = _columns(db)
         self._labels: np.ndarray | None = None
         self._gpu_index: faiss.Index | None = None
         self._gpu_failed = False
@@ -268,7 +338,7 @@ class RetrievalIndex:
         try:
             with self._db:  # one transaction: rolled back if a key repeats or FAISS refuses the vectors
                 try:
-                    self._db.executemany("INSERT INTO meta VALUES (?, ?, ?, ?, ?, ?, ?)", records)
+                    self._db.executemany(_INSERT, records)
                 except sqlite3.IntegrityError as e:
                     raise RetrievalError(f"duplicate key among the new rows or already indexed: {e}") from e
                 self.index.add(x)
@@ -430,13 +500,16 @@ class RetrievalIndex:
         if arr.ndim not in (1, 2):
             raise RetrievalError(f"ids must be 1-D or 2-D, got shape {arr.shape}")
         cols = ("id",) + ROW_FIELDS if thumbnails else ("id",) + ROW_FIELDS[:-1]
+        select = ", ".join(c if c in self._columns or c == "id" else f"NULL AS {c}" for c in cols)
         wanted = [int(i) for i in np.unique(arr) if i >= 0]
         found: dict[int, dict] = {}
         for lo in range(0, len(wanted), _SQL_CHUNK):
             chunk = wanted[lo:lo + _SQL_CHUNK]
-            sql = f"SELECT {', '.join(cols)} FROM meta WHERE id IN ({','.join('?' * len(chunk))})"
+            sql = f"SELECT {select} FROM meta WHERE id IN ({','.join('?' * len(chunk))})"
             for rec in self._db.execute(sql, chunk):
-                found[rec[0]] = dict(zip(cols, rec))
+                row = dict(zip(cols, rec))
+                row["meta"] = _parse_meta(row["meta"])
+                found[rec[0]] = row
         missing = [i for i in wanted if i not in found]
         if missing:
             raise RetrievalError(f"id {missing[0]} has no metadata row")
@@ -453,37 +526,67 @@ class RetrievalIndex:
             self._labels = out
         return self._labels
 
+    def field_values(self, name: str) -> list:
+        """Every vector's value of field `name` (see `row_field`), indexed by id; None where it has none."""
+        column = "source" if name == "source_stem" else name
+        if column not in ROW_FIELDS or column in ("meta", "thumbnail"):
+            column = "meta"
+        if column not in self._columns:  # an index saved before source names
+            return [None] * len(self)
+        values: list = [None] * len(self)
+        for i, value in self._db.execute(f"SELECT id, {column} FROM meta"):
+            values[i] = row_field({column: _parse_meta(value) if column == "meta" else value}, name)
+        return values
+
     def _make_writable(self) -> None:
-        # A loaded index reads meta.sqlite in place, read-only; the first change copies it into memory.
+        # A loaded index reads meta.sqlite in place, read-only; the first change copies it into memory (and gives
+        # an index saved before source names their columns).
         if self._folder is not None:
             mem = sqlite3.connect(":memory:")
             self._db.backup(mem)
             self._db.close()
             self._db = mem
             self._folder = None
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in self._columns:
+                self._db.execute(f"ALTER TABLE meta ADD COLUMN {name} {kind}")
+                self._columns.add(name)
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
-    def evaluate_self(self, ks: Iterable[int] = (1, 5, 10), *, queries: int | None = None, seed: int = 0) -> dict:
-        """Label retrieval quality, each labelled member (or a seeded sample of `queries`) querying the rest.
+    def evaluate_self(
+        self, ks: Iterable[int] = (1, 5, 10), *, queries: int | None = None, seed: int = 0, relevant: str = "label"
+    ) -> dict:
+        """Retrieval quality of the index against itself: each member with a value of the `relevant` field
+        (`parse_relevant`: label, key or field:NAME) and at least one other relevant member (or a seeded sample
+        of `queries` of them) queries the rest, itself excluded.
 
-        Returns recall@k for each k and mAP@max(ks) normalised by min(k, relevant items in the index).
+        Returns recall@k for each k, mAP@max(ks) normalised by min(k, relevant items in the index), the number
+        of queries and `skipped` (members without a value, members whose value no other member shares).
         """
         ks = sorted(set(int(k) for k in ks))
-        labels = self.labels()
-        labelled = np.flatnonzero(labels >= 0)
-        if labelled.size == 0:
-            raise RetrievalError("no labelled items to evaluate")
-        if queries is not None and queries < labelled.size:
-            labelled = np.sort(np.random.default_rng(seed).choice(labelled, queries, replace=False))
-        _, ids = self.search(self.vectors(labelled), ks[-1], exclude_ids=labelled)
-        retrieved = np.where(ids >= 0, labels[np.maximum(ids, 0)], -1)
-        q_labels = labels[labelled]
-        relevant = np.bincount(labels[labels >= 0])[q_labels] - 1  # minus the query itself
-        out = {f"recall@{k}": v for k, v in recall_at_k(q_labels, retrieved, ks).items()}
-        out[f"mAP@{ks[-1]}"] = mean_average_precision(q_labels, retrieved, num_relevant=relevant)
-        out["queries"] = int(labelled.size)
+        got = self.evaluate_against_self(ks, relevant=relevant, queries=queries, seed=seed)
+        out = {f"recall@{k}": v for k, v in got["recall"].items()}
+        out[f"mAP@{ks[-1]}"] = got["map"]
+        out["queries"] = got["queries"]
+        out["skipped"] = got["skipped"]
         return out
+
+    def evaluate_against_self(
+        self, ks: Iterable[int] = (1, 5, 10), *, relevant: str = "label", queries: int | None = None, seed: int = 0
+    ) -> dict:
+        """`evaluate_self` in the shape of `evaluate_relevance`: {"queries", "skipped", "recall": {k: ...}, "map"}."""
+        values = self.field_values(parse_relevant(relevant))
+        candidates, skipped = select_queries(values, values, exclude_ids=np.arange(len(self), dtype=np.int64))
+        if candidates.size == 0:
+            raise RetrievalError(f"no member can be scored against the others by {relevant}: "
+                                 f"{skipped['no_value']} have no value, {skipped['no_relevant']} share theirs with "
+                                 "no other member")
+        if queries is not None and queries < candidates.size:
+            candidates = np.sort(np.random.default_rng(seed).choice(candidates, queries, replace=False))
+        got = evaluate_relevance(self, self.vectors(candidates), [values[i] for i in candidates], values, ks,
+                                 exclude_ids=candidates)
+        return {**got, "skipped": skipped}
 
     # ---- persistence ----------------------------------------------------------------------------------
 
@@ -588,6 +691,77 @@ def exact_search(
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
+def relevance_codes(query_values: Sequence[Any], index_values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes for values (hashable; see `comparable`): equal values get equal codes >= 0; None gets -1 on
+    the index side and -2 on the query side, so that no value never matches anything."""
+    codes: dict[Any, int] = {}
+    index_codes = np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in index_values], dtype=np.int64)
+    query_codes = np.array([-2 if v is None else codes.get(v, len(codes)) for v in query_values], dtype=np.int64)
+    return query_codes, index_codes
+
+
+def _relevant_counts(query_codes: np.ndarray, index_codes: np.ndarray, exclude_ids: np.ndarray | None) -> np.ndarray:
+    """Relevant indexed items per query: those sharing its value, less the excluded item if it shares it too."""
+    size = int(max(index_codes.max(initial=-1), query_codes.max(initial=-1))) + 1
+    counts = np.bincount(index_codes[index_codes >= 0], minlength=max(size, 1))
+    n = np.where(query_codes >= 0, counts[np.maximum(query_codes, 0)], 0)
+    if exclude_ids is not None:
+        excl = np.asarray(exclude_ids, dtype=np.int64)
+        own = np.where(excl >= 0, index_codes[np.maximum(excl, 0)], -3)
+        n = n - ((excl >= 0) & (own == query_codes))
+    return n
+
+
+def select_queries(
+    query_values: Sequence[Any], index_values: Sequence[Any], *, exclude_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, dict]:
+    """Positions of the queries that can be scored: they have a value and the index holds at least one relevant
+    item (other than the excluded one). Returns them and {"no_value": n, "no_relevant": m}, the others counted."""
+    q, idx = relevance_codes(query_values, index_values)
+    n_rel = _relevant_counts(q, idx, exclude_ids)
+    has_value = q >= 0
+    usable = np.flatnonzero(has_value & (n_rel > 0))
+    return usable, {"no_value": int((~has_value).sum()), "no_relevant": int((has_value & (n_rel == 0)).sum())}
+
+
+def evaluate_relevance(
+    index: RetrievalIndex,
+    query_vectors: np.ndarray,
+    query_values: Sequence[Any],
+    index_values: Sequence[Any],
+    ks: Iterable[int] = (1, 5, 10),
+    *,
+    exclude_ids: np.ndarray | None = None,
+) -> dict:
+    """Search `index` with `query_vectors` and score the top max(ks) by relevance = equal values (an indexed
+    item i is relevant to query q when index_values[i] == query_values[q], None never matching).
+
+    `exclude_ids` (one per query, -1 for none) leaves an item out of its query's results and its relevant count
+    (a member querying the index it belongs to). Queries without a value, or with no relevant item in the index,
+    cannot be scored and are skipped and counted (`select_queries`). Returns {"queries", "skipped", "recall":
+    {k: recall@k}, "map": mAP@max(ks) normalised by min(k, relevant items)}.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise RetrievalError(f"ks must be positive integers, got {ks}")
+    if len(query_values) != len(query_vectors) or len(index_values) != len(index):
+        raise RetrievalError(f"{len(query_vectors)} query vectors with {len(query_values)} values, {len(index)} "
+                             f"indexed items with {len(index_values)} values")
+    excl = None if exclude_ids is None else np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+    usable, skipped = select_queries(query_values, index_values, exclude_ids=excl)
+    if usable.size == 0:
+        raise RetrievalError(f"no query can be scored: {skipped['no_value']} have no value of the relevant field, "
+                             f"{skipped['no_relevant']} have no relevant item in the index")
+    q_codes, i_codes = relevance_codes(query_values, index_values)
+    _, ids = index.search(np.asarray(query_vectors)[usable], ks[-1],
+                          exclude_ids=None if excl is None else excl[usable])
+    retrieved = np.where(ids >= 0, i_codes[np.maximum(ids, 0)], -1)
+    hits = retrieved == q_codes[usable, None]
+    n_rel = _relevant_counts(q_codes, i_codes, excl)[usable]
+    return {"queries": int(usable.size), "skipped": skipped, "recall": recall_from_hits(hits, ks),
+            "map": map_from_hits(hits, n_rel)}
+
+
 def _label_arrays(query_labels: Any, retrieved_labels: Any) -> tuple[np.ndarray, np.ndarray]:
     q = np.asarray(query_labels).reshape(-1)
     r = np.asarray(retrieved_labels)
@@ -604,13 +778,10 @@ def recall_at_k(query_labels: Any, retrieved_labels: Any, ks: Iterable[int] = (1
     `retrieved_labels` is (Q, K), best first; mark missing results with a label no query has (e.g. -1).
     """
     q, r = _label_arrays(query_labels, retrieved_labels)
-    hits = r == q[:, None]
-    out = {}
     for k in ks:
         if not 1 <= k <= r.shape[1]:
             raise RetrievalError(f"recall@{k} needs 1 <= k <= {r.shape[1]} retrieved results per query")
-        out[int(k)] = float(hits[:, :k].any(axis=1).mean())
-    return out
+    return recall_from_hits(r == q[:, None], ks)
 
 
 def mean_average_precision(
@@ -626,17 +797,12 @@ def mean_average_precision(
     k = r.shape[1] if k is None else k
     if not 1 <= k <= r.shape[1]:
         raise RetrievalError(f"mAP@{k} needs 1 <= k <= {r.shape[1]} retrieved results per query")
-    rel = (r[:, :k] == q[:, None]).astype(np.float64)
-    precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
-    if num_relevant is None:
-        denom = rel.sum(axis=1)
-    else:
+    n_rel = None
+    if num_relevant is not None:
         n_rel = np.asarray(num_relevant, dtype=np.float64).reshape(-1)
         if n_rel.shape[0] != q.shape[0]:
             raise RetrievalError(f"num_relevant has {n_rel.shape[0]} entries for {q.shape[0]} queries")
-        denom = np.minimum(k, n_rel)
-    ap = np.divide((precision * rel).sum(axis=1), denom, out=np.zeros(q.shape[0]), where=denom > 0)
-    return float(ap.mean())
+    return map_from_hits(r[:, :k] == q[:, None], n_rel)
 
 
 def approximate_recall(approx_ids: Any, exact_ids: Any, k: int) -> float:

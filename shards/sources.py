@@ -3,6 +3,12 @@
 Every source yields `RawSample`s in a fixed order with keys `f"{index:08d}"` (WebDataset keys
 must not contain dots) and records the original index / path in `meta`, which the writer stores
 as the sample's `.json`. Entries that cannot be read are skipped, logged and counted.
+
+Every sample's `.json` also carries its source name under `"source"` (`SOURCE_FIELD`): the image file's path
+relative to the folder root (POSIX), or, for tables and arrays (caption table, IDX, digits), the row id: a
+caption table's `id` column when it has one, else the row number 0..N-1. The retrieval index keeps it, so
+"the same item in another style or view" can be found and scored (`source_stem`: the file name without its
+image extension). Shards written before it simply have none (`sample_source`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,8 @@ NAMED_CLASS_LISTS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_NAME
 # IDX type byte -> numpy dtype (big-endian, as the format specifies)
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+SOURCE_FIELD = "source"
+_LEGACY_DIGITS_SOURCE = "sklearn.datasets.load_digits"  # what digits shards held under "source" before source names
 
 
 @dataclass
@@ -64,6 +73,44 @@ class SampleSource:
     def _skip(self, what: str, why: str) -> None:
         self.skipped += 1
         log.warning("skipped %s: %s", what, why)
+
+
+@lru_cache(maxsize=1)
+def image_suffixes() -> frozenset[str]:
+    """File suffixes (lower case, with the dot) of the image formats Pillow reads: what an image folder may hold."""
+    return frozenset(Image.registered_extensions())
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Image files under `root`, recursively, sorted; hidden files (".name") are left out."""
+    suffixes = image_suffixes()
+    return sorted(
+        p for p in Path(root).rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )  # fmt: skip
+
+
+def sample_source(meta: object) -> str | None:
+    """The source name a sample's `.json` (parsed) carries under `SOURCE_FIELD`; None when it has none (shards
+    written before source names, or by other tools without one). An integer row id comes back as a string."""
+    if not isinstance(meta, dict):
+        return None
+    value = meta.get(SOURCE_FIELD)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    if value == _LEGACY_DIGITS_SOURCE and "dataset" not in meta:
+        return None  # old digits shards named the data set there, not the sample
+    return str(value)
+
+
+def source_stem(source: str | None) -> str | None:
+    """The last component of a source name without its image-file extension: "photos/shoe_17.jpg" -> "shoe_17";
+    a row id ("17", "sku-9.v2") comes back as it is."""
+    if source is None:
+        return None
+    name = source.rsplit("/", 1)[-1]
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and stem and f".{suffix.lower()}" in image_suffixes() else name
 
 
 # What `normalize_image` did to an image, as the writer counts it in `Manifest.conversions`.
@@ -169,7 +216,7 @@ def digits_source() -> SampleSource:
                 image=Image.fromarray(pixels),
                 label=int(label),
                 caption=f"a handwritten digit {DIGIT_NAMES[label]}",
-                meta={"index": i, "source": "sklearn.datasets.load_digits"},
+                meta={"index": i, "dataset": _LEGACY_DIGITS_SOURCE, SOURCE_FIELD: str(i)},
             )
 
     return SampleSource("sklearn digits (8x8)", list(DIGIT_NAMES), len(images), generate)
@@ -190,13 +237,9 @@ def image_folder_source(root: str | Path, classes: list[str] | None = None) -> S
         raise FileNotFoundError(f"no subfolder for class(es) {missing} in {root}; found {found}")
     if not classes:
         raise ValueError(f"{root} has no class subfolders (expected ROOT/<class>/<image files>)")
-    extensions = set(Image.registered_extensions())
     files: list[tuple[int, Path]] = []
     for label, name in enumerate(classes):
-        in_class = sorted(
-            p for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
-        )  # fmt: skip
+        in_class = image_files(root / name)
         if not in_class:
             log.warning("class folder %s holds no image files", root / name)
         files += [(label, p) for p in in_class]
@@ -211,7 +254,7 @@ def image_folder_source(root: str | Path, classes: list[str] | None = None) -> S
                 skip(str(path), f"unreadable image ({e})")
                 continue
             rel = path.relative_to(root).as_posix()
-            yield RawSample(f"{i:08d}", image, label, None, {"index": i, "path": rel})
+            yield RawSample(f"{i:08d}", image, label, None, {"index": i, "path": rel, SOURCE_FIELD: rel})
 
     return SampleSource(f"folder:{root}", list(classes), len(files), generate)
 
@@ -272,7 +315,8 @@ def idx_source(
 
     def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
         for i in range(len(images)):
-            yield RawSample(f"{i:08d}", Image.fromarray(images[i]), int(labels[i]), None, {"index": i, "file": name})
+            meta = {"index": i, "file": name, SOURCE_FIELD: str(i)}
+            yield RawSample(f"{i:08d}", Image.fromarray(images[i]), int(labels[i]), None, meta)
 
     desc = f"idx:{images_path}" + (f" ({split})" if split else "")
     return SampleSource(desc, list(classes), len(images), generate)
@@ -353,9 +397,11 @@ def _is_int(value: object) -> bool:
 
 
 def caption_table_source(table: str | Path, classes: list[str] | None = None) -> SampleSource:
-    """Rows with `image` (relative to the table's folder, or absolute), `caption` and optional `label`.
+    """Rows with `image` (relative to the table's folder, or absolute), `caption` and optional `label` and `id`.
 
-    Labels are class names or integer indices. Without `classes`, integer labels give classes
+    A row's source name is its `id` when the table has one (else its row number 0..N-1); two tables that
+    describe the same items with the same ids let retrieval be scored per item. Labels are class names or
+    integer indices. Without `classes`, integer labels give classes
     "0".."max" and named labels give the sorted set of names.
     """
     table = Path(table)
@@ -392,6 +438,9 @@ def caption_table_source(table: str | Path, classes: list[str] | None = None) ->
             except _UNREADABLE as e:
                 skip(where, f"unreadable image {path} ({e})")
                 continue
-            yield RawSample(f"{i:08d}", image, label, caption, {"index": i, "path": str(row["image"])})
+            row_id = row.get("id")
+            source = str(i) if row_id in (None, "") or isinstance(row_id, (dict, list)) else str(row_id)
+            yield RawSample(f"{i:08d}", image, label, caption,
+                            {"index": i, "path": str(row["image"]), SOURCE_FIELD: source})
 
     return SampleSource(f"captions:{table}", list(classes), len(rows), generate)

@@ -25,7 +25,7 @@ import webdataset as wds
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
-from shards.sources import RawSample, normalize_image, normalize_mode
+from shards.sources import SOURCE_FIELD, RawSample, normalize_image, normalize_mode
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 _UNBALANCED_PATTERN = "unbalanced-{:06d}.tar"  # first pass when shards must be re-split evenly
@@ -64,7 +64,7 @@ class ShardOptions:
 
 def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", jpg_quality: int = 95) -> Record:
     """One sample as WebDataset record bytes: the image (as 8-bit "L" or "RGB", `normalize_image`), `.cls`,
-    `.txt` and `.json`."""
+    `.txt` and `.json` (`sample.meta`, with its source name under "source" when the source gave one)."""
     key = sample.key
     if not _KEY.fullmatch(key) or "." in key or "/" in key:
         raise ValueError(f"bad sample key {key!r}: use 1-90 printable ASCII characters without dots or slashes")
@@ -81,6 +81,10 @@ def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", 
         record["cls"] = str(int(sample.label)).encode("ascii")
     if sample.caption is not None:
         record["txt"] = sample.caption.encode("utf-8")
+    source = sample.meta.get(SOURCE_FIELD) if isinstance(sample.meta, dict) else None
+    if source is not None and (not isinstance(source, str) or not source):
+        raise ValueError(f"sample {key}: meta[{SOURCE_FIELD!r}] (its source name) must be a non-empty string, "
+                         f"got {source!r}")
     try:
         record["json"] = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     except TypeError as e:

@@ -135,7 +135,7 @@ def test_metadata_lookup_and_vectors(small):
     np.testing.assert_allclose(v, x[42] / np.linalg.norm(x[42]), atol=1e-6)
     got = idx.rows_for([42, 7])
     assert [r["key"] for r in got] == ["s000042", "s000007"]
-    assert got[0] == {"id": 42, **rows[42]}
+    assert got[0] == {"id": 42, "source": None, "meta": None, **rows[42]}  # rows without source names
     assert Image.open(io.BytesIO(got[0]["thumbnail"])).size == (28, 28)
     assert "thumbnail" not in idx.rows_for([1], thumbnails=False)[0]
     np.testing.assert_array_equal(idx.labels(), labels)

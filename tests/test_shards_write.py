@@ -79,7 +79,7 @@ def test_digits_round_trip(tmp_path):
         assert sample["__key__"] == f"{i:08d}"
         assert int(sample["cls"]) == labels[i]
         assert sample["txt"].decode() == f"a handwritten digit {manifest.classes[labels[i]]}"
-        assert json.loads(sample["json"])["index"] == i
+        assert json.loads(sample["json"]) == {"index": i, "dataset": "sklearn.datasets.load_digits", "source": str(i)}
         image = decode(sample)
         assert image.mode == "L"
         np.testing.assert_array_equal(np.asarray(image), images[i])
@@ -122,6 +122,7 @@ def test_image_folder(tmp_path, caplog):
     samples = read_set(tmp_path / "out")
     paths = [json.loads(s["json"])["path"] for s in samples]
     assert paths == ["cat/sub/y.png", "cat/z.png", "dog/a.png", "dog/b.png", "dog/c.png"]
+    assert [json.loads(s["json"])["source"] for s in samples] == paths  # source name: path relative to the root
     assert [int(s["cls"]) for s in samples] == [0, 0, 1, 1, 1]
     assert [s["__key__"] for s in samples] == ["00000001", "00000002", "00000003", "00000004", "00000005"]
     for sample, path in zip(samples, paths):
@@ -194,6 +195,7 @@ def test_idx_round_trip(tmp_path, gz):
     samples = read_set(tmp_path / "out")
     np.testing.assert_array_equal([int(s["cls"]) for s in samples], labels)
     np.testing.assert_array_equal(np.stack([np.asarray(decode(s)) for s in samples]), images)
+    assert [json.loads(s["json"])["source"] for s in samples] == [str(i) for i in range(25)]  # the row
 
 
 def test_idx_errors(tmp_path):
@@ -282,6 +284,17 @@ def test_caption_table(tmp_path, kind):
     assert [s["__key__"] for s in samples] == ["00000000", "00000001", "00000003"]
     assert [s.get("cls") for s in samples] == [b"1", b"0", None]
     assert decode(samples[1]).getpixel((0, 0)) == (0, 0, 255)
+    assert [json.loads(s["json"])["source"] for s in samples] == ["0", "1", "3"]  # no id column: the row number
+
+
+def test_caption_table_id_column_is_the_source_name(tmp_path):
+    Image.new("L", (4, 4), 9).save(tmp_path / "a.png")
+    table = tmp_path / "t.jsonl"
+    table.write_text('{"image": "a.png", "caption": "x", "id": "sku-17"}\n{"image": "a.png", "caption": "y"}\n'
+                     '{"image": "a.png", "caption": "z", "id": 42}\n')
+    write_shard_set(caption_table_source(table), tmp_path / "out", classes=[], source="t")
+    metas = [json.loads(s["json"]) for s in read_set(tmp_path / "out")]
+    assert [m["source"] for m in metas] == ["sku-17", "1", "42"] and metas[0]["path"] == "a.png"
 
 
 def test_caption_table_labels_and_errors(tmp_path):
