@@ -210,13 +210,16 @@ def build(kind: str, device: torch.device, tiny: bool, local_crops: int) -> tupl
 
 
 def make_optimizer(obj, recipe: Recipe, device: torch.device, batch: int) -> torch.optim.Optimizer:
-    """As `pretrain.trainer.Trainer`: timm's create_optimizer_v2 (no-weight-decay groups), fused AdamW on CUDA."""
+    """As `pretrain.trainer.Trainer`: timm's create_optimizer_v2 (no-weight-decay groups, layer-wise lr decay where
+    the recipe sets it), betas for the Adam family, fused Adam(W) on CUDA; lr = base_lr x batch / 256."""
     o = recipe.optim
-    kwargs: dict[str, Any] = {"eps": o.eps, "betas": tuple(o.betas)}
-    if device.type == "cuda":
+    kwargs: dict[str, Any] = {"eps": o.eps}
+    if o.name.lower() in ("adamw", "adam", "lamb", "adan", "lion", "nadamw"):
+        kwargs["betas"] = tuple(o.betas)
+    if o.name.lower() in ("adamw", "adam") and device.type == "cuda":
         kwargs["fused"] = True
     return create_optimizer_v2(obj, opt=o.name, lr=o.base_lr * batch / 256, weight_decay=o.weight_decay,
-                               momentum=o.momentum, **kwargs)
+                               momentum=o.momentum, layer_decay=o.layer_decay or None, **kwargs)
 
 
 def view_sizes(kind: str, obj) -> list[int]:
@@ -382,8 +385,8 @@ def tiny_cpu_crosscheck(local_crops: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark for parsed arguments (`parse_args`): the result dict that `main` prints."""
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -484,6 +487,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["note"] = ("MFU = analytic model FLOPs (no recompute, no elementwise ops) x images/s / measured "
                           "bf16 matmul peak of this device; mfu_vs_datasheet uses the datasheet dense peak.")
     result["wall_s_after_imports"] = round(time.perf_counter() - t_start, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    result = measure(parse_args(argv))
     print(json.dumps(result, indent=2))
     return result
 

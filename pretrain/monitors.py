@@ -173,7 +173,7 @@ def attention_grid_png(
     maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)
-    maps = ((maps - lo) / (hi - lo).clamp_min(1e-12)).cpu()
+    maps = ((maps - lo) / (hi - lo).clamp_min(1e-12)).float().cpu()  # float: bf16 autocast (run.precision=bf16)
     m = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
     shown = (images.float().cpu() * s + m).clamp(0, 1)

@@ -109,3 +109,15 @@ class MultiCropTransform:
 
     def __repr__(self) -> str:
         return f"MultiCropTransform(sizes={self.sizes})"
+
+
+def decode_transform(size: int, in_chans: int) -> v2.Compose:
+    """What a worker does when the views are made on the device (`pretrain.augment`): PIL image -> the right
+    channel count -> shorter side resized to `size` (bicubic) -> centre crop -> uint8 (in_chans, size, size), so
+    images of any size batch together. A crop of the resized image is a crop of the original at that scale."""
+    return v2.Compose([
+        EnsureMode(in_chans),
+        v2.ToImage(),
+        v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+    ])

@@ -252,9 +252,14 @@ class DINOConfig:
     std: list[float] = _f([], example=[0.229, 0.224, 0.225])
     collapse_warn_std: float = 0.05  # warn when embedding std x sqrt(dim) falls below this (1 = spread out)
     collapse_warn_every: int = 100  # steps between two collapse warnings
+    # where the multi-crop views are made: "pil", per sample in the DataLoader workers (pretrain.multicrop);
+    # "batched", workers only decode (resized to the global crop size) and the views are made on the training
+    # device, a batch at a time (pretrain.augment; per-sample seeds, so resume stays exact)
+    augment: str = "pil"
 
     def validate(self) -> None:
         p = "objective.dino."
+        _one_of(self.augment, ("pil", "batched"), p + "augment")
         for name in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers"):
             _min(p + name, getattr(self, name), 1)
         _min(p + "freeze_last_layer", self.freeze_last_layer, 0, note=" (epochs; 0 = never frozen)")

@@ -86,8 +86,8 @@ SHRINK = [
 ]
 
 
-def _overrides(shards: Path, out: Path) -> list[str]:
-    return [*SHRINK, f"data.train={shards}", f"run.out_dir={out}"]
+def _overrides(shards: Path, out: Path, extra=()) -> list[str]:
+    return [*SHRINK, f"data.train={shards}", f"run.out_dir={out}", *extra]
 
 
 def _train_until_killed(recipe: str, overrides: list[str], threads: int) -> None:
@@ -119,18 +119,23 @@ def test_every_shipped_recipe_is_covered():
             "finetune_vit_tiny_fmnist.yaml", "dino_vit_small_in1k.yaml"} <= names
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_resumes_exactly_after_sigkill(recipe, small_digits, tmp_path, forkserver):
+# Every shipped recipe as it is, plus variants whose randomness lives elsewhere: DINO's views made on the batch
+# (objective.dino.augment=batched, seeded per sample by the run seed, the epoch and the sample's index).
+CASES = [(p, ()) for p in RECIPES] + [(ROOT / "recipes" / "dino_vit_tiny_fmnist.yaml", ("objective.dino.augment=batched",))]
+
+
+@pytest.mark.parametrize("recipe,extra", CASES, ids=[p.stem + "".join(f"[{e}]" for e in x) for p, x in CASES])
+def test_recipe_resumes_exactly_after_sigkill(recipe, extra, small_digits, tmp_path, forkserver):
     seed = random.randrange(10**6)
     kill_at = random.Random(seed).randint(2, MAX_STEPS - 5)
-    why = f"{recipe.name}, SIGKILL after step {kill_at} (seed {seed})"
+    why = f"{recipe.name} {list(extra)}, SIGKILL after step {kill_at} (seed {seed})"
 
     killed = tmp_path / "killed"
     # One thread here and one in the child: the two run side by side on 2 cores without oversubscribing
     # OpenMP (which slows both ~20x), and with the same thread count their float sums agree.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    child = forkserver.Process(target=_train_until_killed, args=(str(recipe), _overrides(small_digits, killed), 1))
+    child = forkserver.Process(target=_train_until_killed, args=(str(recipe), _overrides(small_digits, killed, extra), 1))
     child.start()
 
     def kill_after_checkpoint() -> None:
@@ -148,7 +153,7 @@ def test_recipe_resumes_exactly_after_sigkill(recipe, small_digits, tmp_path, fo
     killer.start()
     try:
         # Meanwhile, the reference: straight through in this process.
-        Trainer(load_recipe(recipe, _overrides(small_digits, tmp_path / "straight"))).fit()
+        Trainer(load_recipe(recipe, _overrides(small_digits, tmp_path / "straight", extra))).fit()
     finally:
         killer.join()
         child.join(30)
@@ -163,7 +168,7 @@ def test_recipe_resumes_exactly_after_sigkill(recipe, small_digits, tmp_path, fo
     torch.manual_seed(4321)  # disturb this process's RNG: the checkpoint must restore it
     torch.set_num_threads(1)
     try:
-        result = Trainer(load_recipe(recipe, _overrides(small_digits, killed))).fit()
+        result = Trainer(load_recipe(recipe, _overrides(small_digits, killed, extra))).fit()
     finally:
         torch.set_num_threads(threads)
     assert result.steps == MAX_STEPS

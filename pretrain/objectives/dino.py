@@ -33,9 +33,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from pretrain.augment import BatchedMultiCrop, sample_seeds
 from pretrain.backbone import create_backbone
 from pretrain.monitors import CollapseMonitor, attention_grid_png
-from pretrain.multicrop import MultiCropTransform
+from pretrain.multicrop import MultiCropTransform, decode_transform
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import DINOConfig
@@ -186,7 +187,7 @@ class DINO(Objective):
     """DINO on a timm ViT; `forward(batch)` needs `batch["image"]` as the list of views `MultiCropTransform` makes
     (collated: a list of (B, C, H, W) tensors, the 2 global crops first)."""
 
-    def __init__(self, backbone: VisionTransformer, cfg: DINOConfig) -> None:
+    def __init__(self, backbone: VisionTransformer, cfg: DINOConfig, seed: int = 0) -> None:
         super().__init__()
         cfg.validate()
         if not isinstance(backbone, VisionTransformer):
@@ -228,14 +229,23 @@ class DINO(Objective):
         self.monitor = CollapseMonitor(cfg.collapse_warn_std, cfg.collapse_warn_every)
         self.uniform_entropy = math.log(cfg.out_dim)  # ln K: the entropy of uniform outputs
         self.epoch = 0
+        self.seed = seed  # the run's seed: with the epoch and each sample's index, the seed of its batched views
+        self.augment = BatchedMultiCrop(**self._view_args()) if cfg.augment == "batched" else None
         self.backbone.eval()
         self.teacher_head.eval()
 
     # --- the seam -------------------------------------------------------------------------------------------
 
-    def train_transform(self) -> Callable[[Any], list[torch.Tensor]]:
+    def train_transform(self) -> Callable[[Any], list[torch.Tensor] | torch.Tensor]:
+        """augment=pil: the views, made per sample in the workers; batched: the decoded image only (uint8, the
+        global crop size), the views are made in `forward` on the batch."""
+        if self.augment is not None:
+            return decode_transform(self.global_size, self.in_chans)
+        return MultiCropTransform(**self._view_args())
+
+    def _view_args(self) -> dict[str, Any]:
         c = self.cfg
-        return MultiCropTransform(
+        return dict(
             in_chans=self.in_chans, mean=self.mean, std=self.std, global_size=self.global_size,
             global_scale=c.global_crops_scale, local_number=c.local_crops_number, local_size=c.local_crop_size,
             local_scale=c.local_crops_scale, blur_prob=c.blur_prob, solarize_prob=c.solarize_prob, hflip=c.hflip,
@@ -318,6 +328,12 @@ class DINO(Objective):
 
     def _views(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         views = batch.get("image") if isinstance(batch, dict) else None
+        if self.augment is not None and isinstance(views, torch.Tensor):
+            index = batch.get("index")
+            if not isinstance(index, torch.Tensor) or index.shape != (views.shape[0],):
+                raise ValueError("objective.dino.augment=batched needs batch['index'] (B,), each sample's index "
+                                 "in its shard set (ShardStream yields it): it seeds the sample's views")
+            views = self.augment(views, sample_seeds(self.seed, self.epoch, index.cpu()))
         expected = N_GLOBAL + self.cfg.local_crops_number
         if not isinstance(views, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in views):
             raise ValueError("DINO expects batch['image'] as a list of view tensors (the multi-crop transform's "
@@ -335,4 +351,4 @@ class DINO(Objective):
 
 @register("dino")
 def build(recipe: Recipe) -> DINO:
-    return DINO(create_backbone(recipe.model), recipe.objective.dino)
+    return DINO(create_backbone(recipe.model), recipe.objective.dino, seed=recipe.run.seed)
