@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(overrides: list[str], args: argparse.Namespace):
     torch.manual_seed(0)  # both variants start from the same weights
-    recipe = load_recipe(RECIPE, overrides)
+    # augment=pil: the per-sample view transform is what transform_rate measures (the recipe makes batched views)
+    recipe = load_recipe(RECIPE, ["objective.dino.augment=pil", *overrides])
     dino: DINO = build_objective(recipe).to(args.device).train()
     o = recipe.optim
     opt = create_optimizer_v2(dino, o.name, lr=1e-4, weight_decay=o.weight_decay, betas=tuple(o.betas))

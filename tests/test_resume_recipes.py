@@ -119,9 +119,11 @@ def test_every_shipped_recipe_is_covered():
             "finetune_vit_tiny_fmnist.yaml", "dino_vit_small_in1k.yaml"} <= names
 
 
-# Every shipped recipe as it is, plus variants whose randomness lives elsewhere: DINO's views made on the batch
-# (objective.dino.augment=batched, seeded per sample by the run seed, the epoch and the sample's index).
-CASES = [(p, ()) for p in RECIPES] + [(ROOT / "recipes" / "dino_vit_tiny_fmnist.yaml", ("objective.dino.augment=batched",))]
+# Every shipped recipe as it is, plus the other place DINO's view randomness can live: the Fashion-MNIST recipe
+# makes its views on the batch (augment=batched, seeded per sample by the run seed, the epoch and the sample's
+# index), the ImageNet one per sample in the workers (augment=pil); each is also run the other way.
+CASES = [(p, ()) for p in RECIPES] + [(ROOT / "recipes" / "dino_vit_tiny_fmnist.yaml", ("objective.dino.augment=pil",)),
+                                      (ROOT / "recipes" / "dino_vit_small_in1k.yaml", ("objective.dino.augment=batched",))]
 
 
 @pytest.mark.parametrize("recipe,extra", CASES, ids=[p.stem + "".join(f"[{e}]" for e in x) for p, x in CASES])
