@@ -728,14 +728,12 @@ def _probe_with_selection(
                 train_x, train_y, num_classes, variant, base_lrs=base_lrs, weight_decays=weight_decays,
                 held_out_fraction=held_out_fraction, seed=seed, max_grid_extensions=max_grid_extensions,
             )
+            for record in sel["records"]:
+                record["whiten"] = variant.whiten
             tried.append((_held_out_rank(sel["best"]), len(tried), variant, sel))
         _, _, recipe, sel = min(tried, key=lambda t: t[:2])
         best = sel["best"]
         base_lr, wd = best["base_lr"], best["weight_decay"]
-        if len(tried) > 1:
-            for _, _, variant, other in tried:
-                for record in other["records"]:
-                    record["whiten"] = variant.whiten
         where = ("" if len(tried) == 1 else
                  f"features {'whitened' if recipe.whiten else 'standardised' if recipe.norm == 'standardize' else 'batch-normalised'}"
                  f" (held-out top-1 {tried[0][3]['best']['held_out_top1']:.4f} as the protocol has it, "
