@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from pretrain.augment import (
@@ -20,6 +21,9 @@ from pretrain.augment import (
     gaussian_blur,
     sample_seeds,
 )
+from pretrain.objectives import build_objective
+from pretrain.objectives.dino import DINO
+from pretrain.recipe import RecipeError, load_recipe
 
 
 def images(b=6, c=3, h=28, w=28, seed=0):
@@ -167,19 +171,12 @@ def test_bad_input_is_named():
 def test_dino_with_batched_views_takes_decoded_images_and_their_indexes():
     """objective.dino.augment=batched: the worker transform only decodes (uint8 at the global crop size); forward
     makes the views from the batch and each sample's index; a missing index or an unknown mode is named."""
-    from pretrain.objectives.dino import DINO
-    from pretrain.recipe import RecipeError, load_recipe
-
     tiny = ["model.img_size=16", "model.patch_size=4", "model.in_chans=1", "model.embed_dim=32", "model.depth=1",
             "model.num_heads=2", "objective.name=dino", "objective.dino.out_dim=64", "objective.dino.hidden_dim=32",
             "objective.dino.bottleneck_dim=16", "objective.dino.local_crops_number=2", "objective.dino.local_crop_size=8",
             "run.seed=3"]
-    from pretrain.objectives import build_objective
-
     obj = build_objective(load_recipe(None, [*tiny, "objective.dino.augment=batched"]))
     assert isinstance(obj, DINO) and obj.seed == 3
-    from PIL import Image
-
     decoded = obj.train_transform()(Image.new("L", (40, 30), 200))
     assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (1, 16, 16)
     batch = {"image": (torch.rand(4, 1, 16, 16) * 255).to(torch.uint8), "index": torch.arange(4)}
