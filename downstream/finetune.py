@@ -166,7 +166,9 @@ def finetune(
         num_train=trainer.stream.total,
         seconds=time.monotonic() - t0 + train_result.wall_seconds,
         settings={
-            "pretrained": str(pretrained),
+            # "" when an override set init_from='' (the baseline from random weights, same architecture)
+            "pretrained": str(pretrained) if r.objective.supervised.init_from else "",
+            "architecture_from": str(pretrained),
             "run_dir": str(r.run.out_dir),
             "checkpoint": str(train_result.checkpoint),
             "img_size": r.model.img_size,
