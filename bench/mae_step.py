@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--decoder-embed-dim", type=int, default=128)
     ap.add_argument("--decoder-depth", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=None, help="encoder blocks (default 12, ViT-Tiny; quick 2)")
     ap.add_argument("--decoder-num-heads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -57,13 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (16 if args.quick else 64)
     args.steps = args.steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.depth = args.depth or (2 if args.quick else 12)
     return args
 
 
 def build(args: argparse.Namespace, mask_tokens_in_encoder: bool) -> tuple[MAE, torch.optim.Optimizer]:
     torch.manual_seed(0)  # both variants start from the same backbone weights
     backbone = create_backbone(
-        ModelConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=12, num_heads=3, pos_embed="sincos")
+        ModelConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=args.depth, num_heads=3, pos_embed="sincos")
     )
     cfg = MAEConfig(
         mask_ratio=args.mask_ratio,
@@ -116,7 +118,7 @@ def memory_worker(args: argparse.Namespace) -> None:
 def cpu_peak_mib(args: argparse.Namespace, variant: str) -> float:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant,
            "--batch-size", str(args.batch_size), "--mask-ratio", str(args.mask_ratio),
-           "--decoder-embed-dim", str(args.decoder_embed_dim), "--decoder-depth", str(args.decoder_depth),
+           "--decoder-embed-dim", str(args.decoder_embed_dim), "--decoder-depth", str(args.decoder_depth), "--depth", str(args.depth),
            "--decoder-num-heads", str(args.decoder_num_heads), "--threads", str(args.threads), "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
         "config": {
-            "backbone": "vit_tiny dims: embed 192, depth 12, heads 3; img 28x28x1, patch 4 (49 patches)",
+            "backbone": f"vit_tiny dims: embed 192, depth {args.depth}, heads 3; img 28x28x1, patch 4 (49 patches)",
             "decoder": {"embed_dim": args.decoder_embed_dim, "depth": args.decoder_depth,
                         "num_heads": args.decoder_num_heads},
             "mask_ratio": args.mask_ratio,

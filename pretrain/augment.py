@@ -7,7 +7,7 @@ returns `[global_1, global_2, local_1, ..., local_N]`, each (B, C, size, size) n
     global 1:  random resized crop (global_scale) - flip - colour - blur (p=1.0)
     global 2:  random resized crop (global_scale) - flip - colour - blur (p=0.1) - solarize (p=0.2)
     local:     random resized crop (local_scale)  - flip - colour - blur (p=0.5)
-    colour:    brightness, contrast (0.4), saturation (0.2), hue (0.1) jitter with p=0.8, then grayscale p=0.2
+    colour:    brightness, contrast (0.4), saturation (0.2), hue (0.1) jitter (color_jitter) with p=0.8, then grayscale p=0.2
 
 Every random draw of a sample comes from a generator seeded by that sample's seed alone (on the CPU, a few dozen
 numbers a sample), so a sample's views do not depend on the batch it sits in, the device or the number of ranks:
@@ -37,7 +37,6 @@ from pretrain.multicrop import blur_kernel_size
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before it falls back to a centre crop
 _LOG_RATIO = (torch.log(torch.tensor(3 / 4)).item(), torch.log(torch.tensor(4 / 3)).item())
 _SIGMA = (0.1, 2.0)  # DINO's GaussianBlur sigma range
-_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
 
 
 def _signed(c: int) -> int:
@@ -102,6 +101,12 @@ def _crop_box(g: torch.Generator, height: int, width: int, scale: tuple[float, f
     return [x1, y1, x1 + w, y1 + h]
 
 
+def _factor(strength: float, u: float) -> float:
+    """A jitter factor as ColorJitter draws it, uniform on [max(0, 1 - strength), 1 + strength], from u in [0, 1)."""
+    lo = max(0.0, 1.0 - strength)
+    return lo + (1.0 + strength - lo) * u
+
+
 class BatchedMultiCrop:
     """Decoded images (B, C, H, W) + per-sample seeds (B,) -> [global_1, global_2, local_1..N] (B, C, s, s)."""
 
@@ -120,6 +125,7 @@ class BatchedMultiCrop:
         solarize_prob: float = 0.2,
         hflip: bool = True,
         color_jitter_prob: float = 0.8,
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
         grayscale_prob: float = 0.2,
     ) -> None:
         if in_chans not in (1, 3):
@@ -138,6 +144,9 @@ class BatchedMultiCrop:
                       *(ViewSpec(local_size, ls, float(blur_prob[2])) for _ in range(local_number))]
         self.hflip = hflip
         self.color_jitter_prob = float(color_jitter_prob)
+        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+            raise ValueError(f"color_jitter={list(color_jitter)}: four strengths >= 0, hue at most 0.5")
+        self.jitter = tuple(float(j) for j in color_jitter)  # brightness, contrast, saturation, hue
         self.grayscale_prob = float(grayscale_prob) if in_chans == 3 else 0.0
         self.sizes = [v.size for v in self.views]
 
@@ -154,8 +163,8 @@ class BatchedMultiCrop:
             for v, spec in enumerate(self.views):
                 box = _crop_box(g, height, width, spec.scale)
                 u = torch.rand(8, generator=g).tolist()
-                b, c, s, h = (1 + _JITTER["brightness"] * (2 * u[2] - 1), 1 + _JITTER["contrast"] * (2 * u[3] - 1),
-                              1 + _JITTER["saturation"] * (2 * u[4] - 1), _JITTER["hue"] * (2 * u[5] - 1))
+                b, c, s = (_factor(j, x) for j, x in zip(self.jitter[:3], u[2:5]))
+                h = self.jitter[3] * (2 * u[5] - 1)
                 sigma = _SIGMA[0] + (_SIGMA[1] - _SIGMA[0]) * u[6]
                 rows[v].append((box, self.hflip and u[0] < 0.5, u[1] < self.color_jitter_prob, (b, c, s, h),
                                 u[7] < self.grayscale_prob, bool(torch.rand(1, generator=g) < spec.blur_prob), sigma,

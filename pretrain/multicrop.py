@@ -7,7 +7,7 @@ The augmentations are DINO's `DataAugmentationDINO`, written with torchvision.tr
     global 1:  RandomResizedCrop(global, global_scale) - flip - colour - blur (p=1.0)
     global 2:  RandomResizedCrop(global, global_scale) - flip - colour - blur (p=0.1) - solarize (p=0.2)
     local:     RandomResizedCrop(local, local_scale)   - flip - colour - blur (p=0.5)
-    colour:    ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, then RandomGrayscale(p=0.2)
+    colour:    ColorJitter(0.4, 0.4, 0.2, 0.1) (objective.dino.color_jitter) with p=0.8, then RandomGrayscale(p=0.2)
 
 On 1-channel images the colour-only operations (saturation, hue, grayscale) are left out; brightness and
 contrast jitter remain (they are intensity changes). The Gaussian blur draws sigma in [0.1, 2.0] as DINO's
@@ -47,6 +47,7 @@ def dino_view(
     solarize_prob: float = 0.0,
     hflip: bool = True,
     color_jitter_prob: float = 0.8,
+    color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
     grayscale_prob: float = 0.2,
 ) -> v2.Compose:
     """One DINO view: uint8 image tensor (in_chans, H, W) -> normalised float tensor (in_chans, size, size)."""
@@ -58,10 +59,11 @@ def dino_view(
     if hflip:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     if in_chans == 3:
-        steps += _maybe(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1), color_jitter_prob)
+        b, c, sat, hue = color_jitter
+        steps += _maybe(v2.ColorJitter(brightness=b, contrast=c, saturation=sat, hue=hue), color_jitter_prob)
         steps += _maybe(v2.Grayscale(num_output_channels=3), grayscale_prob)
     else:
-        steps += _maybe(v2.ColorJitter(brightness=0.4, contrast=0.4), color_jitter_prob)
+        steps += _maybe(v2.ColorJitter(brightness=color_jitter[0], contrast=color_jitter[1]), color_jitter_prob)
     steps += _maybe(v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0)), blur_prob)
     steps += _maybe(v2.RandomSolarize(threshold=128), solarize_prob)  # on uint8, as PIL's solarize
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -86,6 +88,7 @@ class MultiCropTransform:
         solarize_prob: float = 0.2,
         hflip: bool = True,
         color_jitter_prob: float = 0.8,
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
         grayscale_prob: float = 0.2,
     ) -> None:
         if len(blur_prob) != 3:
@@ -93,7 +96,7 @@ class MultiCropTransform:
         if local_number < 0:
             raise ValueError(f"local_number={local_number}: must be >= 0")
         common = dict(in_chans=in_chans, mean=mean, std=std, hflip=hflip, color_jitter_prob=color_jitter_prob,
-                      grayscale_prob=grayscale_prob)
+                      color_jitter=color_jitter, grayscale_prob=grayscale_prob)
         self.global_1 = dino_view(global_size, global_scale, blur_prob=blur_prob[0], **common)
         self.global_2 = dino_view(global_size, global_scale, blur_prob=blur_prob[1], solarize_prob=solarize_prob,
                                   **common)

@@ -244,6 +244,10 @@ class DINOConfig:
     local_crops_scale: list[float] = _f([0.05, 0.4], length=2)
     hflip: bool = True
     color_jitter_prob: float = 0.8  # RGB: brightness/contrast/saturation/hue; 1 channel: brightness/contrast
+    # ColorJitter strengths: brightness, contrast, saturation, hue (hue <= 0.5 turns; 0.5 = any hue). DINO's
+    # (0.4, 0.4, 0.2, 0.1) keeps colour as a cue (hue 0.5, any hue, did not make DINO colour-invariant on the
+    # colour Fashion-MNIST: it collapsed to the uniform; README)
+    color_jitter: list[float] = _f([0.4, 0.4, 0.2, 0.1], length=4)
     grayscale_prob: float = 0.2  # RGB only
     blur_prob: list[float] = _f([1.0, 0.1, 0.5], length=3)  # global 1, global 2, locals
     solarize_prob: float = 0.2  # global 2 only
@@ -277,6 +281,9 @@ class DINOConfig:
                f"(global 1, global 2, locals), e.g. {p}blur_prob=[1.0,0.1,0.5]")
         for name in ("color_jitter_prob", "grayscale_prob", "solarize_prob"):
             _within(p + name, getattr(self, name), 0.0, 1.0, note=" (a probability)")
+        _check(len(self.color_jitter) == 4 and min(self.color_jitter) >= 0 and self.color_jitter[3] <= 0.5,
+               f"{p}color_jitter={_show(self.color_jitter)}: must be four strengths >= 0 (brightness, contrast, "
+               f"saturation, hue), hue at most 0.5, e.g. {p}color_jitter=[0.4,0.4,0.2,0.1]")
         _check(all(0.0 <= b <= 1.0 for b in self.blur_prob),
                f"{p}blur_prob={_show(self.blur_prob)}: each must be in [0, 1] (a probability)")
         _stats("objective.dino", self.mean, self.std)

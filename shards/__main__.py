@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.colourise import colourised, first
 from shards.info import info
 from shards.manifest import MANIFEST_NAME, Manifest
 from shards.sources import (
@@ -51,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--jpg-quality", type=int, default=95)
     options.add_argument("--val-fraction", type=float, default=0.0,
                          help="write OUT/train and OUT/val, this fraction of samples going to val")
-    options.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    options.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of --colourise's styles")
     options.add_argument("--classes", help="fashion-mnist, mnist, or comma-separated class names")
+    options.add_argument("--limit", type=int, help="write only the first N samples of each split")
+    options.add_argument("--colourise", type=int, metavar="PX",
+                         help="write a colour version at PX x PX: per-sample object hue, background colour and "
+                              "texture drawn from --seed (shards/colourise.py)")
 
     write = commands.add_parser("write", help="write a shard set from a source")
     kinds = write.add_subparsers(dest="kind", required=True)
@@ -108,6 +113,10 @@ def _write(args: argparse.Namespace) -> int:
     }
     written: dict[Path, Manifest] = {}
     for split, source in _sources(args).items():
+        if args.limit is not None:
+            source = first(source, args.limit)
+        if args.colourise is not None:
+            source = colourised(source, size=args.colourise, seed=args.seed, split=split)
         samples = tqdm(source, total=source.count, desc=f"writing {split or 'shards'}", unit="img", disable=None)
         common = {"classes": source.classes, "source": source.description, **options}
         if split:

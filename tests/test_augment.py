@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import ROOT
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -24,6 +25,8 @@ from pretrain.augment import (
 from pretrain.objectives import build_objective
 from pretrain.objectives.dino import DINO
 from pretrain.recipe import RecipeError, load_recipe
+
+RECIPE_DINO = ROOT / "recipes" / "dino_vit_tiny_fmnist.yaml"
 
 
 def images(b=6, c=3, h=28, w=28, seed=0):
@@ -154,6 +157,34 @@ def test_crop_boxes_follow_random_resized_crop():
             assert abs(float(mask.float().mean()) - prob) <= 4 * se + 1e-9, (spec, prob)
         assert bool((p.sigma >= 0.1).all()) and bool((p.sigma <= 2.0).all())
         assert bool((p.factors[:, 0] >= 0.6).all()) and bool((p.factors[:, 0] <= 1.4).all())
+
+
+def test_colour_jitter_strengths_are_drawn_as_colorjitter_and_set_by_the_recipe():
+    """objective.dino.color_jitter reaches both paths; factors are uniform on ColorJitter's ranges (brightness
+    1.5: [0, 2.5]; hue 0.5: any rotation), and out-of-range strengths are refused."""
+    strengths = (1.5, 0.0, 0.5, 0.5)
+    aug = BatchedMultiCrop(in_chans=3, mean=[0.5] * 3, std=[0.5] * 3, global_size=28, local_number=0,
+                           color_jitter=strengths)
+    f = aug.draw(sample_seeds(0, 0, torch.arange(4000)), 28, 28)[0].factors
+    for column, (lo, hi) in enumerate(((0.0, 2.5), (1.0, 1.0), (0.5, 1.5), (-0.5, 0.5))):
+        assert float(f[:, column].min()) >= lo - 1e-6 and float(f[:, column].max()) <= hi + 1e-6
+        if hi > lo:  # spread over the whole range: within 2% of each end, mean at the middle
+            assert float(f[:, column].min()) < lo + 0.02 * (hi - lo) and float(f[:, column].max()) > hi - 0.02 * (hi - lo)
+            assert abs(float(f[:, column].mean()) - (lo + hi) / 2) < 0.03 * (hi - lo)
+    r = load_recipe(RECIPE_DINO, ["model.in_chans=3", "objective.dino.color_jitter=[0.4,0.4,0.8,0.5]",
+                                  "objective.dino.mean=[0.5,0.5,0.5]", "objective.dino.std=[0.2,0.2,0.2]"])
+    for mode in ("pil", "batched"):
+        r.objective.dino.augment = mode
+        dino = build_objective(r)
+        if mode == "batched":
+            assert dino.augment.jitter == (0.4, 0.4, 0.8, 0.5)
+        else:
+            jitter = next(t for t in dino.train_transform().global_1.transforms if type(t).__name__ == "RandomApply")
+            assert jitter.transforms[0].hue == (-0.5, 0.5) and jitter.transforms[0].saturation == pytest.approx((0.2, 1.8))
+    with pytest.raises(RecipeError, match="color_jitter"):
+        load_recipe(RECIPE_DINO, ["objective.dino.color_jitter=[0.4,0.4,0.2,0.6]"])
+    with pytest.raises(ValueError, match="color_jitter"):
+        BatchedMultiCrop(in_chans=3, mean=[0.5] * 3, std=[0.5] * 3, global_size=28, color_jitter=(0.4, -1, 0, 0))
 
 
 def test_bad_input_is_named():

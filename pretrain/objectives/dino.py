@@ -249,7 +249,7 @@ class DINO(Objective):
             in_chans=self.in_chans, mean=self.mean, std=self.std, global_size=self.global_size,
             global_scale=c.global_crops_scale, local_number=c.local_crops_number, local_size=c.local_crop_size,
             local_scale=c.local_crops_scale, blur_prob=c.blur_prob, solarize_prob=c.solarize_prob, hflip=c.hflip,
-            color_jitter_prob=c.color_jitter_prob, grayscale_prob=c.grayscale_prob,
+            color_jitter_prob=c.color_jitter_prob, color_jitter=tuple(c.color_jitter), grayscale_prob=c.grayscale_prob,
         )
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
