@@ -25,14 +25,14 @@ same sample with the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from pretrain.multicrop import blur_kernel_size
+from pretrain.multicrop import MultiCropSpec, blur_kernel_size
 
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 boxes before it falls back to a centre crop
 _LOG_RATIO = (torch.log(torch.tensor(3 / 4)).item(), torch.log(torch.tensor(4 / 3)).item())
@@ -110,45 +110,22 @@ def _factor(strength: float, u: float) -> float:
 class BatchedMultiCrop:
     """Decoded images (B, C, H, W) + per-sample seeds (B,) -> [global_1, global_2, local_1..N] (B, C, s, s)."""
 
-    def __init__(
-        self,
-        *,
-        in_chans: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        global_size: int,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_number: int = 8,
-        local_size: int = 96,
-        local_scale: Sequence[float] = (0.05, 0.4),
-        blur_prob: Sequence[float] = (1.0, 0.1, 0.5),
-        solarize_prob: float = 0.2,
-        hflip: bool = True,
-        color_jitter_prob: float = 0.8,
-        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
-        grayscale_prob: float = 0.2,
-    ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans={in_chans}: DINO views are for 1- or 3-channel images")
-        if len(blur_prob) != 3:
-            raise ValueError(f"blur_prob needs 3 values (global 1, global 2, locals), got {list(blur_prob)}")
-        if local_number < 0:
-            raise ValueError(f"local_number={local_number}: must be >= 0")
-        if len(mean) != in_chans or len(std) != in_chans:
-            raise ValueError(f"mean/std need {in_chans} values, got {list(mean)} / {list(std)}")
-        self.in_chans = in_chans
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        gs, ls = (float(global_scale[0]), float(global_scale[1])), (float(local_scale[0]), float(local_scale[1]))
-        self.views = [ViewSpec(global_size, gs, float(blur_prob[0])),
-                      ViewSpec(global_size, gs, float(blur_prob[1]), float(solarize_prob)),
-                      *(ViewSpec(local_size, ls, float(blur_prob[2])) for _ in range(local_number))]
-        self.hflip = hflip
-        self.color_jitter_prob = float(color_jitter_prob)
-        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
-            raise ValueError(f"color_jitter={list(color_jitter)}: four strengths >= 0, hue at most 0.5")
-        self.jitter = tuple(float(j) for j in color_jitter)  # brightness, contrast, saturation, hue
-        self.grayscale_prob = float(grayscale_prob) if in_chans == 3 else 0.0
-        self.sizes = [v.size for v in self.views]
+    def __init__(self, **settings: Any) -> None:
+        """`settings`: the fields of `pretrain.multicrop.MultiCropSpec` (the per-sample path takes the same)."""
+        spec = MultiCropSpec(**settings)
+        self.in_chans = spec.in_chans
+        self.mean, self.std = tuple(float(m) for m in spec.mean), tuple(float(s) for s in spec.std)
+        gs = (float(spec.global_scale[0]), float(spec.global_scale[1]))
+        ls = (float(spec.local_scale[0]), float(spec.local_scale[1]))
+        blur = [float(b) for b in spec.blur_prob]
+        self.views = [ViewSpec(spec.global_size, gs, blur[0]),
+                      ViewSpec(spec.global_size, gs, blur[1], float(spec.solarize_prob)),
+                      *(ViewSpec(spec.local_size, ls, blur[2]) for _ in range(spec.local_number))]
+        self.hflip = spec.hflip
+        self.color_jitter_prob = float(spec.color_jitter_prob)
+        self.jitter = tuple(float(j) for j in spec.color_jitter)  # brightness, contrast, saturation, hue
+        self.grayscale_prob = float(spec.grayscale_prob) if spec.in_chans == 3 else 0.0
+        self.sizes = spec.sizes
 
     def __repr__(self) -> str:
         return f"BatchedMultiCrop(sizes={self.sizes})"

@@ -17,6 +17,8 @@ PIL blur does, with a kernel about a tenth of the crop (odd, at least 3), as in 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -34,6 +36,44 @@ def _maybe(transform: Callable, p: float) -> list[Callable]:
     if p <= 0:
         return []
     return [transform] if p >= 1 else [v2.RandomApply([transform], p=p)]
+
+
+@dataclass(frozen=True)
+class MultiCropSpec:
+    """DINO's view settings, checked once, for both view makers: `MultiCropTransform` (per sample, PIL, in the
+    workers) and `pretrain.augment.BatchedMultiCrop` (on the batch, on the training device)."""
+
+    in_chans: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    global_size: int
+    global_scale: Sequence[float] = (0.4, 1.0)
+    local_number: int = 8
+    local_size: int = 96
+    local_scale: Sequence[float] = (0.05, 0.4)
+    blur_prob: Sequence[float] = (1.0, 0.1, 0.5)  # global 1, global 2, locals
+    solarize_prob: float = 0.2  # global 2 only
+    hflip: bool = True
+    color_jitter_prob: float = 0.8
+    color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2  # RGB only
+
+    def __post_init__(self) -> None:
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans={self.in_chans}: DINO views are for 1- or 3-channel images")
+        if len(self.blur_prob) != 3:
+            raise ValueError(f"blur_prob needs 3 values (global 1, global 2, locals), got {list(self.blur_prob)}")
+        if self.local_number < 0:
+            raise ValueError(f"local_number={self.local_number}: must be >= 0")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values, got {list(self.mean)} / {list(self.std)}")
+        j = self.color_jitter
+        if len(j) != 4 or min(j) < 0 or j[3] > 0.5:
+            raise ValueError(f"color_jitter={list(j)}: four strengths >= 0, hue at most 0.5")
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.global_size] * 2 + [self.local_size] * self.local_number
 
 
 def dino_view(
@@ -73,38 +113,20 @@ def dino_view(
 class MultiCropTransform:
     """PIL image -> [global_1, global_2, local_1, ..., local_N] normalised float tensors."""
 
-    def __init__(
-        self,
-        *,
-        in_chans: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        global_size: int,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_number: int = 8,
-        local_size: int = 96,
-        local_scale: Sequence[float] = (0.05, 0.4),
-        blur_prob: Sequence[float] = (1.0, 0.1, 0.5),
-        solarize_prob: float = 0.2,
-        hflip: bool = True,
-        color_jitter_prob: float = 0.8,
-        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
-        grayscale_prob: float = 0.2,
-    ) -> None:
-        if len(blur_prob) != 3:
-            raise ValueError(f"blur_prob needs 3 values (global 1, global 2, locals), got {list(blur_prob)}")
-        if local_number < 0:
-            raise ValueError(f"local_number={local_number}: must be >= 0")
-        common = dict(in_chans=in_chans, mean=mean, std=std, hflip=hflip, color_jitter_prob=color_jitter_prob,
-                      color_jitter=color_jitter, grayscale_prob=grayscale_prob)
-        self.global_1 = dino_view(global_size, global_scale, blur_prob=blur_prob[0], **common)
-        self.global_2 = dino_view(global_size, global_scale, blur_prob=blur_prob[1], solarize_prob=solarize_prob,
-                                  **common)
-        self.local = dino_view(local_size, local_scale, blur_prob=blur_prob[2], **common)
-        self.local_number = local_number
-        self.sizes = [global_size] * 2 + [local_size] * local_number
+    def __init__(self, **settings: Any) -> None:
+        """`settings`: the fields of `MultiCropSpec`."""
+        spec = MultiCropSpec(**settings)
+        common = dict(in_chans=spec.in_chans, mean=spec.mean, std=spec.std, hflip=spec.hflip,
+                      color_jitter_prob=spec.color_jitter_prob, color_jitter=spec.color_jitter,
+                      grayscale_prob=spec.grayscale_prob)
+        self.global_1 = dino_view(spec.global_size, spec.global_scale, blur_prob=spec.blur_prob[0], **common)
+        self.global_2 = dino_view(spec.global_size, spec.global_scale, blur_prob=spec.blur_prob[1],
+                                  solarize_prob=spec.solarize_prob, **common)
+        self.local = dino_view(spec.local_size, spec.local_scale, blur_prob=spec.blur_prob[2], **common)
+        self.local_number = spec.local_number
+        self.sizes = spec.sizes
         # Once per image, not per view: the right channel count, as a uint8 tensor.
-        self.to_image = v2.Compose([EnsureMode(in_chans), v2.ToImage()])
+        self.to_image = v2.Compose([EnsureMode(spec.in_chans), v2.ToImage()])
 
     def __call__(self, image) -> list[torch.Tensor]:
         x = self.to_image(image)
