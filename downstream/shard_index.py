@@ -31,8 +31,9 @@ from pretrain.backbone import data_stats, fingerprint
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
 from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.record import image_extension
 from shards.sources import image_files, image_suffixes, sample_source
-from shards.stream import IMAGE_EXTS, iter_tar_samples, list_shards, open_shard
+from shards.stream import iter_tar_samples, list_shards, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,10 @@ def _class_names(source: str) -> list[str]:
 
 
 def _thumbnail(files: dict[str, bytes]) -> bytes | None:
-    data = files.get("png") or files.get("jpg") or next((files[e] for e in IMAGE_EXTS if e in files), None)
-    if data is None:
+    ext = image_extension(files)
+    if ext is None:
         return None
+    data = files[ext]
     try:
         image = Image.open(io.BytesIO(data))
         if max(image.size) <= THUMBNAIL_SIZE and data[:8] == b"\x89PNG\r\n\x1a\n":

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.print:
+        print(f"# {recipe.auto_note}\n" if recipe.auto_note else "", end="")
         print(recipe.to_yaml())
         return 0
     from pretrain.checkpoint import CheckpointError

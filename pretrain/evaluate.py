@@ -63,7 +63,8 @@ import torch.nn.functional as F
 from pretrain.monitors import effective_rank
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
-from shards.stream import IMAGE_EXTS, ShardStream, iter_tar_samples, list_shards, open_shard
+from shards.record import image_extension
+from shards.stream import ShardStream, iter_tar_samples, list_shards, open_shard
 
 if TYPE_CHECKING:
     from pretrain.recipe import AlarmConfig, EvalConfig
@@ -142,7 +143,7 @@ class EvalSplit:
 
 
 def _label(files: dict[str, bytes]) -> int | None:
-    if "__bad__" in files or "cls" not in files or not any(e in files for e in IMAGE_EXTS):
+    if "__bad__" in files or "cls" not in files or image_extension(files) is None:
         return None
     try:
         label = int(files["cls"].decode("ascii").strip())

@@ -14,6 +14,7 @@ import functools
 import math
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from pretrain.auto import AUTO, may_be_auto, resolve_auto
 
 
 class RecipeError(ValueError):
@@ -614,6 +617,10 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
+    # What `auto` values were resolved to, and from where (`pretrain.auto`); "" when the recipe had none. Not a
+    # field: the resolved values themselves are in the sections, and a saved recipe.yaml holds them as numbers.
+    auto_note = ""
+
     def validate(self) -> Recipe:
         _check_finite(self, "")
         for f in dataclasses.fields(self):
@@ -784,10 +791,53 @@ def _merge(base: DictConfig, data: dict, where: str) -> DictConfig:
         raise RecipeError(where + str(e).splitlines()[0]) from None
 
 
+def _leaves(layer: dict, prefix: str = "") -> Iterator[tuple[str, dict, str]]:
+    """(dotted key, the dict holding it, its name there) for every non-mapping value of a layer."""
+    for k, v in list(layer.items()):
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", layer, k
+
+
+def _take_autos(layer: dict, where: str) -> tuple[set[str], set[str]]:
+    """Remove the `auto` values from a layer (they are resolved from the data after all layers are merged);
+    returns (the keys that said auto, every key the layer set)."""
+    autos, keys = set(), set()
+    for key, holder, name in _leaves(layer):
+        keys.add(key)
+        if not (isinstance(holder[name], str) and holder[name].strip().lower() == AUTO):
+            continue
+        if may_be_auto(key):
+            autos.add(key)
+            del holder[name]
+        elif not _is_str(_field_at(key)[0]):
+            raise RecipeError(f"{where}{key}=auto: only model.in_chans, model.img_size, objective.dino.local_crop_size "
+                              "and the objectives' mean and std may be auto (read from the training data)")
+    return autos, keys
+
+
+def _resolve_autos(merged: DictConfig, autos: set[str]) -> tuple[DictConfig, str]:
+    try:
+        values, note = resolve_auto(autos, merged)
+    except (ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"resolving auto: {e}") from None
+    layer: dict = {}
+    for key, value in values.items():
+        node = layer
+        *parents, name = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return _merge(merged, layer, "auto: "), note
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (or the defaults when `path` is None), apply `key=value` overrides, validate."""
+    """Load a YAML recipe (or the defaults when `path` is None), apply `key=value` overrides, resolve `auto`
+    values from the training data (`pretrain.auto`; the last layer to set a key decides), validate."""
     schema = OmegaConf.structured(Recipe)
     merged = schema
+    autos: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -798,6 +848,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         unknown = _find_unknown(schema, data)
         if unknown:
             raise RecipeError(f"{p}: {_explain_key_error(schema, unknown)}")
+        autos = _take_autos(data, f"{p}: ")[0]
         merged = _merge(merged, data, f"{p}: ")
     for o in overrides or []:
         if "=" not in o:
@@ -815,12 +866,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if _is_str(_field_at(key)[0]) and isinstance(node[parts[-1]], bool | int | float):
             # A string field keeps what was typed: `run.precision=no` is "no", not YAML's False -> 'False'.
             node[parts[-1]] = o.split("=", 1)[1]
+        said_auto, set_here = _take_autos(layer, f"override {o!r}: ")
+        autos = (autos - set_here) | said_auto
         merged = _merge(merged, layer, "")
+    note = ""
+    if autos:
+        merged, note = _resolve_autos(merged, autos)
     try:
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise RecipeError(f"{e.full_key}: {msg}" if getattr(e, "full_key", None) else msg) from None
+    recipe.auto_note = note
     return recipe.validate()
 
 

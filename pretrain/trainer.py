@@ -204,23 +204,10 @@ class Trainer:
         set_seed(r.seed + 1 + 1000 * acc.process_index)
 
         d, o = recipe.data, recipe.optim
-        self.stream = ShardStream(
-            d.train,
-            batch_size=d.batch_size,
-            num_workers=d.num_workers,
-            transform=self.objective.train_transform(),
-            mode=d.mode,
-            remainder=d.remainder,
-            shuffle=True,
-            shuffle_buffer=d.shuffle_buffer,
-            seed=r.seed,
-            epoch_samples=d.epoch_samples,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            max_bad_fraction=d.max_bad_fraction,
-            require=tuple(self.objective.requires),
-            allow_pipe=d.allow_pipe,
-        )
+        try:
+            self.stream = self._train_stream()
+        except ValueError as e:  # e.g. fewer samples than one batch: a fact about the data, said before compute
+            raise RunInputError(f"data.train={d.train!r}: {e}") from None
         self.batches_per_epoch = self.stream.batches_per_epoch()
         self.steps_per_epoch = self.batches_per_epoch // o.accum_steps
         if self.steps_per_epoch < 1:
@@ -290,13 +277,34 @@ class Trainer:
             t_in_epochs=False,
         )
 
+    def _train_stream(self) -> ShardStream:
+        d, r, acc = self.recipe.data, self.recipe.run, self.accelerator
+        return ShardStream(
+            d.train,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            transform=self.objective.train_transform(),
+            mode=d.mode,
+            remainder=d.remainder,
+            shuffle=True,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=r.seed,
+            epoch_samples=d.epoch_samples,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            max_bad_fraction=d.max_bad_fraction,
+            require=tuple(self.objective.requires),
+            allow_pipe=d.allow_pipe,
+        )
+
     def _set_schedule_length(self, total_steps: int, warmup_steps: int) -> None:
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.epochs = math.ceil(total_steps / self.steps_per_epoch)
         self.scheduler = self._make_scheduler(self.optimizer)
 
     def _fit_schedule_to_time(self, steps_here: int, seconds_here: float) -> None:
-        """run.fit_to_max_minutes, at each of FIT_POINTS of the budget: fit the schedule (warmup in proportion) to
+        """run.fit_to_max_minutes, at each of FIT_POINTS of the budget: fit the schedule (a warmup given in epochs
+        in proportion; one given in updates kept, up to a quarter of the run) to
         the updates the rest of the time budget holds at the rate measured since the previous point, so the lr
         decays fully instead of being cut off by run.max_minutes. Re-fitted in both directions (a busy moment at
         one measurement must not waste the rest of the budget), never beyond the recipe's own length; the slowest
@@ -321,7 +329,14 @@ class Trainer:
                     f"updates (measured {rate:.2f} updates/s on the slowest rank): the lr schedule now ends at update "
                     f"{total} (was {self.total_steps})"
                 )
-            self._set_schedule_length(total, round(self.planned_warmup * total / self.planned_steps))
+            # optim.warmup_steps counts updates: the first updates need it however long the run turns out to be,
+            # so it is kept (at most a quarter of the fitted run); optim.warmup_epochs is a share of the plan and
+            # shrinks with it.
+            if self.recipe.optim.warmup_steps:
+                warmup = min(self.planned_warmup, total // 4)
+            else:
+                warmup = round(self.planned_warmup * total / self.planned_steps)
+            self._set_schedule_length(total, warmup)
         self.state.total_steps, self.state.warmup_steps = self.total_steps, self.warmup_steps
 
     def _unwrapped(self):
@@ -546,6 +561,8 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(self.recipe, self.out_dir / "recipe.yaml")
+            if self.recipe.auto_note:  # first, so a run's log says what its numbers were read off
+                log.info(f"recipe {self.recipe.auto_note}")
         acc.wait_for_everyone()
         if any(t != "jsonl" for t in r.trackers):
             acc.init_trackers("trackers", config=_flat_config(self.recipe.to_dict()))

@@ -2,18 +2,22 @@
 
     python -m shards write digits --out data/digits --val-fraction 0.1
     python -m shards write idx /data/fashion-mnist --classes fashion-mnist --out data/fmnist
-    python -m shards write folder /data/pets --out data/pets --encoding jpg --shard-multiple 8
-    python -m shards write captions /data/pairs.jsonl --out data/pairs
+    python -m shards write folder /data/pets --out data/pets --size 64 --val-fraction 0.1 --workers 4
+    python -m shards write captions /data/pairs.tsv --out data/pairs --image-col path --key stem
     python -m shards verify data/fmnist
     python -m shards info data/fmnist/train --grid fmnist.png
+    python -m shards stats data/pets/train          # per-channel mean/std, sizes, modes, classes, captions
+    python -m shards export data/pets/val --out pets-val --format jpg   # back to OUT/<class>/<key>.jpg
 
-verify and info read local shard-set folders; a `pipe:` argument (a shell command) is refused unless
+verify, info and stats read local shard-set folders, ours or another tool's (img2dataset: no manifest); stats also
+takes tar lists, globs and brace patterns. A `pipe:` argument (a shell command) is refused unless
 VITSSL_ALLOW_PIPE=1 is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,11 +25,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.atomic import write_text_atomic
 from shards.colourise import colourised, first
+from shards.export import EXPORT_FORMATS, export_folder
 from shards.info import info
-from shards.manifest import MANIFEST_NAME, Manifest
+from shards.manifest import MANIFEST_NAME, Manifest, load_manifest
+from shards.resize import FITS, Resize
 from shards.sources import (
+    KEY_MODES,
     SampleSource,
+    TableColumns,
     caption_table_source,
     digits_source,
     idx_source,
@@ -33,6 +42,7 @@ from shards.sources import (
     mnist_splits,
     resolve_classes,
 )
+from shards.stats import STATS_NAME, format_stats, measure_shards
 from shards.stream import check_pipe_allowed
 from shards.verify import verify
 from shards.writer import ENCODINGS, write_shard_set, write_split_shard_sets
@@ -58,18 +68,39 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_argument("--colourise", type=int, metavar="PX",
                          help="write a colour version at PX x PX: per-sample object hue, background colour and "
                               "texture drawn from --seed (shards/colourise.py)")
+    sizing = options.add_mutually_exclusive_group()
+    sizing.add_argument("--size", type=int, default=0, metavar="S",
+                        help="store every image S x S: the shorter side scaled to S and the centre cut (--fit crop), "
+                             "or the longer side scaled to S and black bars added (--fit pad)")
+    sizing.add_argument("--max-size", type=int, default=0, metavar="M",
+                        help="shrink images larger than M x M to fit it (aspect kept); smaller ones stay as they are")
+    options.add_argument("--fit", choices=FITS, default="crop", help="how --size makes a non-square image square")
+    options.add_argument("--workers", type=int, default=1,
+                         help="processes that open, resize and encode images (the shards are the same bytes)")
+    keyed = argparse.ArgumentParser(add_help=False)
+    keyed.add_argument("--key", choices=KEY_MODES, default="index",
+                       help="sample keys: 'index' (00000000, ... in order) or 'stem' (the file name without its "
+                            "extension; refused when two files share one)")
 
     write = commands.add_parser("write", help="write a shard set from a source")
     kinds = write.add_subparsers(dest="kind", required=True)
     kinds.add_parser("digits", parents=[options], help="scikit-learn's built-in 8x8 digits (1,797 images)")
-    folder = kinds.add_parser("folder", parents=[options], help="ROOT/<class>/<image> folders")
+    folder = kinds.add_parser("folder", parents=[options, keyed], help="ROOT/<class>/<image> folders")
     folder.add_argument("root", type=Path)
     idx = kinds.add_parser("idx", parents=[options],
                            help="a folder with the four (Fashion-)MNIST files, or an IDX images file with --labels")
     idx.add_argument("path", type=Path)
     idx.add_argument("--labels", type=Path, help="IDX labels file (when PATH is an images file)")
-    captions = kinds.add_parser("captions", parents=[options], help="a .csv/.tsv/.jsonl table: image, caption[, label]")
+    captions = kinds.add_parser("captions", parents=[options, keyed],
+                                help="a .csv/.tsv/.jsonl/.parquet table: image, caption[, label][, id]")
     captions.add_argument("table", type=Path)
+    defaults = TableColumns()
+    captions.add_argument("--image-col", default=defaults.image, help="column with the image path (relative to the "
+                          "table's folder, or absolute)")
+    captions.add_argument("--caption-col", default=defaults.caption, help="column with the caption ('' for none)")
+    captions.add_argument("--label-col", default=defaults.label, help="column with the class name or index "
+                          "(optional)")
+    captions.add_argument("--id-col", default=defaults.id, help="column with the item id (optional; the source name)")
 
     check = commands.add_parser("verify", help="re-hash shards, decode every sample; exit 1 on any problem")
     check.add_argument("folder", type=Path)
@@ -77,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("folder", type=Path)
     describe.add_argument("--grid", type=Path, help="write a sample-grid PNG here")
     describe.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
+    measure = commands.add_parser("stats", help="per-channel mean/std, sizes, modes, classes, captions, measured "
+                                  "from the tars")
+    measure.add_argument("folder", help="a shard-set folder, tar paths, a glob or a brace pattern")
+    measure.add_argument("--limit", type=int, default=0, help="measure about this many samples, spread over "
+                         "the shards (0: all)")
+    measure.add_argument("--save", action="store_true", help=f"keep the result: in our manifest, or as {STATS_NAME} "
+                         "beside another tool's tars (recipes' `auto` reads either)")
+    unpack = commands.add_parser("export", help="write a shard set out as an image folder OUT/<class>/<key>.<ext>")
+    unpack.add_argument("folder", help="a shard-set folder, tar paths, a glob or a brace pattern")
+    unpack.add_argument("--out", type=Path, required=True, help="the folder to create")
+    unpack.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="png")
+    unpack.add_argument("--jpg-quality", type=int, default=95)
     return parser
 
 
@@ -88,9 +131,10 @@ def _sources(args: argparse.Namespace) -> dict[str, SampleSource]:
             raise ValueError("the digits set has fixed classes; drop --classes")
         return {"": digits_source()}
     if args.kind == "folder":
-        return {"": image_folder_source(args.root, classes)}
+        return {"": image_folder_source(args.root, classes, key=args.key)}
     if args.kind == "captions":
-        return {"": caption_table_source(args.table, classes)}
+        columns = TableColumns(args.image_col, args.caption_col, args.label_col, args.id_col)
+        return {"": caption_table_source(args.table, classes, key=args.key, columns=columns)}
     if args.path.is_dir():
         if args.val_fraction:
             raise ValueError(f"{args.path} holds its own train and test (val) files; drop --val-fraction")
@@ -110,6 +154,8 @@ def _write(args: argparse.Namespace) -> int:
         "encoding": args.encoding,
         "jpg_quality": args.jpg_quality,
         "shard_multiple": args.shard_multiple,
+        "resize": Resize(args.size, args.fit, args.max_size),
+        "workers": args.workers,
     }
     written: dict[Path, Manifest] = {}
     for split, source in _sources(args).items():
@@ -118,7 +164,7 @@ def _write(args: argparse.Namespace) -> int:
         if args.colourise is not None:
             source = colourised(source, size=args.colourise, seed=args.seed, split=split)
         samples = tqdm(source, total=source.count, desc=f"writing {split or 'shards'}", unit="img", disable=None)
-        common = {"classes": source.classes, "source": source.description, **options}
+        common = {"classes": source.classes, "source": source.description, "on_skip": source.skip, **options}
         if split:
             written[args.out / split] = write_shard_set(samples, args.out / split, split=split, **common)
         elif args.val_fraction:
@@ -130,7 +176,9 @@ def _write(args: argparse.Namespace) -> int:
             print(f"skipped {source.skipped} of {source.count} entries of {source.description} (see warnings)")
     for path, m in written.items():
         converted = f"; converted to 8-bit L/RGB: {m.conversions_text()}" if m.conversions else ""
-        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes{converted}")
+        sized = f", images {m.resize}" if m.resize else ""
+        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes{sized}{converted}")
+        print(format_stats(m.stats))
     return 0
 
 
@@ -142,6 +190,34 @@ def _shard_sets(folder: Path) -> list[Path]:
     return subsets or [folder]
 
 
+def _stats(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise ValueError(f"--limit {args.limit}: must be >= 0")
+    if args.save and args.limit:
+        raise ValueError("--save keeps statistics of the whole set: drop --limit")
+    sources = [str(f) for f in _shard_sets(Path(args.folder))] if Path(args.folder).is_dir() else [args.folder]
+    clean = True
+    for source in sources:
+        folder = Path(source)
+        manifest = load_manifest(folder) if (folder / MANIFEST_NAME).is_file() else None
+        measured, unreadable = measure_shards(source, args.limit)
+        stats = measured.to_dict(manifest.classes if manifest else None)
+        print(f"{source}: measured {measured.images} samples" + (f", {unreadable} unreadable" if unreadable else ""))
+        print(format_stats(stats))
+        clean = clean and not unreadable
+        if not args.save:
+            continue
+        if not folder.is_dir():
+            raise ValueError(f"--save needs a shard-set folder (the stats are kept beside its shards), got {source}")
+        if manifest is not None:
+            manifest.stats = stats
+            print(f"saved in {manifest.save(folder)}")
+        else:
+            write_text_atomic(folder / STATS_NAME, json.dumps(stats, indent=2))
+            print(f"saved in {folder / STATS_NAME}")
+    return 0 if clean else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -149,6 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "write":
             return _write(args)
         check_pipe_allowed(str(args.folder))  # the message says it runs a shell command and how to allow it
+        if args.command == "stats":
+            return _stats(args)
+        if args.command == "export":
+            counts = export_folder(args.folder, args.out, args.format, args.jpg_quality)
+            print(f"wrote {sum(n for k, n in counts.items() if not k.startswith('('))} images to {args.out}: "
+                  + ", ".join(f"{k} {n}" for k, n in counts.items()))
+            return 0 if "(unreadable)" not in counts else 1
         if args.command == "verify":
             reports = [verify(folder) for folder in _shard_sets(args.folder)]
             print("\n".join(r.format() for r in reports))

@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from shards.sources import RawSample, SampleSource
+from shards.sources import UNREADABLE, ImageFile, RawSample, SampleSource
 
 TEXTURES = ("flat", "stripes", "checks", "noise")
 # Hue (0..1) -> a colour word, for captions: the upper bound of each named band.
@@ -83,7 +83,14 @@ def colourised(source: SampleSource, size: int = 32, seed: int = 0, split: str =
 
     def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
         for i, sample in enumerate(source.generate(skip)):
-            image, style = colourise_image(sample.image, size, np.random.default_rng([seed, zlib.crc32(split.encode()), i]))
+            gray = sample.image
+            if isinstance(gray, ImageFile):
+                try:
+                    gray = gray.open()
+                except UNREADABLE as e:
+                    skip(gray.what, f"unreadable image ({e})")
+                    continue
+            image, style = colourise_image(gray, size, np.random.default_rng([seed, zlib.crc32(split.encode()), i]))
             caption = sample.caption
             if source.classes and sample.label is not None:
                 name = source.classes[sample.label]

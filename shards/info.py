@@ -14,8 +14,9 @@ from PIL import Image
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.record import image_extension
 from shards.sources import normalize_mode
-from shards.verify import IMAGE_EXTENSIONS, iter_tar_samples
+from shards.verify import iter_tar_samples
 
 UNLABELLED = "(unlabelled)"
 
@@ -58,12 +59,12 @@ class ShardSetInfo:
 
 
 def _decode(files: dict[str, bytes]) -> Image.Image | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in files:
-            with Image.open(io.BytesIO(files[ext])) as im:
-                im.load()
-                return im.copy()
-    return None
+    ext = image_extension(files)
+    if ext is None:
+        return None
+    with Image.open(io.BytesIO(files[ext])) as im:
+        im.load()
+        return im.copy()
 
 
 def _label(files: dict[str, bytes], where: str) -> int | None:
@@ -92,7 +93,8 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
     per_shard: dict[str, int] = {}
     labels: Counter[int | None] = Counter()
     grid: dict[int | None, list[Image.Image]] = {}
-    first_image, captions = None, 0
+    captions = 0
+    modes, sizes, extensions = set(), set(), set()  # without a manifest: read from each image's header
     for name in names:
         per_shard[name] = 0
         for key, files in iter_tar_samples(folder / name):
@@ -100,19 +102,25 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
             label = _label(files, f"{name} key {key}")
             labels[label] += 1
             captions += "txt" in files
-            want_image = grid_png is not None and len(grid.setdefault(label, [])) < per_class
-            if want_image or (manifest is None and first_image is None):
+            if manifest is None and (ext := image_extension(files)):
+                extensions.add(ext)
+                try:
+                    with Image.open(io.BytesIO(files[ext])) as header:  # no pixels decoded
+                        modes.add(header.mode)
+                        sizes.add((header.height, header.width))
+                except Exception:  # unreadable: verify names it; info only describes
+                    pass
+            if grid_png is not None and len(grid.setdefault(label, [])) < per_class:
                 image = _decode(files)
-                if image is not None and want_image:
+                if image is not None:
                     grid[label].append(normalize_mode(image))  # as the reader sees it (8-bit L/RGB)
-                first_image = first_image or image
     total = sum(per_shard.values())
     if manifest is not None:
         classes, mode, size = manifest.classes, manifest.image_mode, manifest.image_size
     else:
         classes = [str(i) for i in range(max((k for k in labels if k is not None), default=-1) + 1)]
-        mode = first_image.mode if first_image else ""
-        size = [first_image.height, first_image.width] if first_image else []
+        mode = next(iter(modes)) if len(modes) == 1 else ""
+        size = list(next(iter(sizes))) if len(sizes) == 1 else []
 
     def name_of(label: int | None) -> str:
         return UNLABELLED if label is None else classes[label] if label < len(classes) else f"#{label}"
@@ -128,7 +136,7 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
         image_mode=mode,
         image_size=list(size),
         has_captions=manifest.has_captions if manifest else total > 0 and captions == total,
-        encoding=manifest.encoding if manifest else "",
+        encoding=manifest.encoding if manifest else "+".join(sorted(extensions)),
         source=manifest.source if manifest else "",
         split=manifest.split if manifest else "",
         has_manifest=has_manifest,

@@ -24,7 +24,7 @@ from shards.atomic import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vitssl-shards/1"
-WRITER_VERSION = "0.1.0"
+WRITER_VERSION = "0.2.0"
 
 
 @dataclass
@@ -48,6 +48,11 @@ class Manifest:
     # Images the writer changed to store them as 8-bit L/RGB, per kind (`shards.sources.normalize_image`):
     # {"high_bit_depth_scaled": n, "alpha_composited": n}; kinds that did not occur are left out.
     conversions: dict[str, int] = field(default_factory=dict)
+    resize: str = ""  # how the writer sized the images (`shards.resize.Resize.describe`): "crop 64", "max 256", ""
+    skipped: int = 0  # source entries the writer could not read (logged, not stored)
+    # Measured over every stored image (`shards.stats.DatasetStats.to_dict`): per-channel mean/std, sizes, modes,
+    # class counts, captions; {} in sets written before it (`python -m shards stats --save` adds it).
+    stats: dict = field(default_factory=dict)
     writer_version: str = WRITER_VERSION
     format: str = FORMAT
 

@@ -1,8 +1,10 @@
 """Where raw samples come from: image folders, IDX (MNIST-style) files, caption tables, built-in digits.
 
 Every source yields `RawSample`s in a fixed order with keys `f"{index:08d}"` (WebDataset keys
-must not contain dots) and records the original index / path in `meta`, which the writer stores
-as the sample's `.json`. Entries that cannot be read are skipped, logged and counted.
+must not contain dots), or for image files with `key="stem"` the file name without its extension (refused
+when two files share one), and records the original index / path in `meta`, which the writer stores
+as the sample's `.json`. Image files are yielded unopened (`ImageFile`): the writer opens them, in its worker
+processes when it has them. Entries that cannot be read are skipped, logged and counted.
 
 Every sample's `.json` also carries its source name under `"source"` (`SOURCE_FIELD`): the image file's path
 relative to the folder root (POSIX), or, for tables and arrays (caption table, IDX, digits), the row id: a
@@ -18,7 +20,10 @@ import gzip
 import json
 import logging
 import math
+import re
 import struct
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 log = logging.getLogger(__name__)
+_SKIP_LOCK = threading.Lock()
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FASHION_MNIST_CLASSES = [
@@ -38,15 +44,27 @@ NAMED_CLASS_LISTS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_NAME
 
 # IDX type byte -> numpy dtype (big-endian, as the format specifies)
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what opening a bad file raises
 SOURCE_FIELD = "source"
 _LEGACY_DIGITS_SOURCE = "sklearn.datasets.load_digits"  # what digits shards held under "source" before source names
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file not opened yet: the writer opens it where it encodes (`open_image`)."""
+
+    path: Path
+    what: str  # how a skip names it: the path, or "table line N"
+
+    def open(self) -> Image.Image:
+        """The decoded image; raises `UNREADABLE` errors for a file Pillow cannot read."""
+        return _open_image(self.path)
 
 
 @dataclass
 class RawSample:
     key: str
-    image: Image.Image
+    image: Image.Image | ImageFile
     label: int | None = None
     caption: str | None = None
     meta: dict = field(default_factory=dict)
@@ -68,10 +86,13 @@ class SampleSource:
 
     def __iter__(self) -> Iterator[RawSample]:
         self.skipped = 0
-        return self.generate(self._skip)
+        return self.generate(self.skip)
 
-    def _skip(self, what: str, why: str) -> None:
-        self.skipped += 1
+    def skip(self, what: str, why: str) -> None:
+        """Count and log one entry that is not written (the writer calls it for files it cannot open, from its
+        own thread while the source runs in the pool's feeding thread: hence the lock)."""
+        with _SKIP_LOCK:
+            self.skipped += 1
         log.warning("skipped %s: %s", what, why)
 
 
@@ -225,8 +246,37 @@ def digits_source() -> SampleSource:
 # --- image folder -------------------------------------------------------------------------------
 
 
-def image_folder_source(root: str | Path, classes: list[str] | None = None) -> SampleSource:
-    """ROOT/<class>/<image>: classes are the sorted subfolder names (or `classes`, in that order)."""
+KEY_MODES = ("index", "stem")
+_VALID_KEY = re.compile(r"[!-~]{1,90}")  # printable ASCII without spaces; one 512-byte tar header per member
+
+
+def stem_keys(paths: list[Path | str], where: str) -> list[str]:
+    """Keys from file names without their extension, refused (ValueError) when one cannot be a WebDataset key
+    (dots, slashes, spaces, non-ASCII, over 90 characters) or two files share one."""
+    keys = [Path(p).stem for p in paths]
+    bad = [str(p) for p, k in zip(paths, keys) if not _VALID_KEY.fullmatch(k) or "." in k or "/" in k]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} file name(s) cannot be keys, e.g. {bad[:3]} (a key is 1-90 printable "
+                         "ASCII characters without dots, slashes or spaces); rename them or use --key index")
+    counts = Counter(keys)
+    if dupes := sorted(k for k, n in counts.items() if n > 1):
+        first = dupes[0]
+        clash = [str(p) for p, k in zip(paths, keys) if k == first]
+        raise ValueError(f"{where}: {len(dupes)} file name stem(s) occur more than once, e.g. {first!r} for {clash}; "
+                         "keys must be unique: rename the files or use --key index")
+    return keys
+
+
+def _keys(paths: list[Path | str], key: str, where: str) -> list[str]:
+    if key not in KEY_MODES:
+        raise ValueError(f"key must be one of {KEY_MODES}, got {key!r}")
+    return stem_keys(paths, where) if key == "stem" else [f"{i:08d}" for i in range(len(paths))]
+
+
+def image_folder_source(root: str | Path, classes: list[str] | None = None, key: str = "index") -> SampleSource:
+    """ROOT/<class>/<image>: classes are the sorted subfolder names (or `classes`, in that order).
+
+    `key`: "index" (00000000, 00000001, ... in sorted path order) or "stem" (the file name without extension)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (expected ROOT/<class>/<image files>)")
@@ -245,16 +295,12 @@ def image_folder_source(root: str | Path, classes: list[str] | None = None) -> S
         files += [(label, p) for p in in_class]
     if not files:
         raise ValueError(f"{root} holds no image files in its class subfolders {classes}")
+    keys = _keys([p for _, p in files], key, str(root))
 
     def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
-        for i, (label, path) in enumerate(files):
-            try:
-                image = _open_image(path)
-            except _UNREADABLE as e:
-                skip(str(path), f"unreadable image ({e})")
-                continue
+        for i, ((label, path), name) in enumerate(zip(files, keys)):
             rel = path.relative_to(root).as_posix()
-            yield RawSample(f"{i:08d}", image, label, None, {"index": i, "path": rel, SOURCE_FIELD: rel})
+            yield RawSample(name, ImageFile(path, str(path)), label, None, {"index": i, "path": rel, SOURCE_FIELD: rel})
 
     return SampleSource(f"folder:{root}", list(classes), len(files), generate)
 
@@ -347,19 +393,48 @@ def mnist_splits(folder: str | Path, classes: list[str] | None = None) -> dict[s
 
 # --- caption table ------------------------------------------------------------------------------
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 
-def _read_table(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a .csv, .tsv or .jsonl table."""
+
+@dataclass(frozen=True)
+class TableColumns:
+    """Which column holds what in a caption table; `label` and `id` are optional, `caption` may be "" (no
+    captions: a labelled image list)."""
+
+    image: str = "image"
+    caption: str = "caption"
+    label: str = "label"
+    id: str = "id"
+
+    def required(self) -> list[str]:
+        return [c for c in (self.image, self.caption) if c]
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq  # optional: only Parquet tables need it
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'vitssl[parquet]' (or pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+    return [(n, row) for n, row in enumerate(rows, 1)]
+
+
+def _read_table(path: Path, columns: TableColumns) -> list[tuple[int, dict]]:
+    """(line or row number, row) pairs from a .csv, .tsv, .jsonl or .parquet table, its required columns checked."""
     suffix = path.suffix.lower()
+    need = columns.required()
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
             rows = [(reader.line_num, row) for row in reader]
-            columns = reader.fieldnames or []
-        if missing := [c for c in ("image", "caption") if c not in columns]:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {columns}")
-        return rows
-    if suffix == ".jsonl":
+            header = reader.fieldnames or []
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
+        header = list(rows[0][1]) if rows else []
+    elif suffix == ".jsonl":
         rows = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -369,11 +444,20 @@ def _read_table(path: Path) -> list[tuple[int, dict]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {n}: not JSON ({e})") from e
-                if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-                    raise ValueError(f"{path} line {n}: need an object with 'image' and 'caption'")
+                if not isinstance(row, dict) or any(c not in row for c in need):
+                    raise ValueError(f"{path} line {n}: need an object with {need}" + _column_hint(columns))
                 rows.append((n, row))
         return rows
-    raise ValueError(f"{path}: unknown table type {suffix!r}; use .csv, .tsv or .jsonl")
+    else:
+        raise ValueError(f"{path}: unknown table type {suffix!r}; use {', '.join(TABLE_SUFFIXES)}")
+    if missing := [c for c in need if c not in header]:
+        raise ValueError(f"{path}: missing column(s) {missing}; header is {header}" + _column_hint(columns))
+    return rows
+
+
+def _column_hint(columns: TableColumns) -> str:
+    return (f"; name the columns with --image-col (now {columns.image!r}), --caption-col ({columns.caption!r}; '' for "
+            f"none), --label-col ({columns.label!r}), --id-col ({columns.id!r})")
 
 
 def _label_index(value: object, classes: list[str], where: str) -> int:
@@ -396,51 +480,57 @@ def _is_int(value: object) -> bool:
     return not isinstance(value, float)
 
 
-def caption_table_source(table: str | Path, classes: list[str] | None = None) -> SampleSource:
-    """Rows with `image` (relative to the table's folder, or absolute), `caption` and optional `label` and `id`.
+def caption_table_source(
+    table: str | Path, classes: list[str] | None = None, key: str = "index", columns: TableColumns | None = None
+) -> SampleSource:
+    """Rows with an image path (relative to the table's folder, or absolute), a caption and optional label and id,
+    in the columns `columns` names (default `image`, `caption`, `label`, `id`); .csv, .tsv, .jsonl or .parquet.
 
-    A row's source name is its `id` when the table has one (else its row number 0..N-1); two tables that
+    A row's source name is its id when the table has one (else its row number 0..N-1); two tables that
     describe the same items with the same ids let retrieval be scored per item. Labels are class names or
     integer indices. Without `classes`, integer labels give classes
-    "0".."max" and named labels give the sorted set of names.
+    "0".."max" and named labels give the sorted set of names. `key="stem"` keys each sample by its image file
+    name without extension (refused when two rows share one). With `columns.caption=""` the table is a labelled
+    image list without captions.
     """
     table = Path(table)
+    columns = columns or TableColumns()
     if not table.is_file():
         raise FileNotFoundError(f"caption table {table} does not exist")
-    rows = _read_table(table)
+    rows = _read_table(table, columns)
     if not rows:
         raise ValueError(f"{table} has no rows")
-    given = [row.get("label") for _, row in rows if row.get("label") not in (None, "")]
+
+    def label_of(row: dict) -> object:
+        return row.get(columns.label) if columns.label else None
+
+    given = [label_of(row) for _, row in rows if label_of(row) not in (None, "")]
     if classes is None:
         if all(_is_int(v) for v in given):
             classes = [str(i) for i in range(max((int(v) for v in given), default=-1) + 1)]
         else:
             classes = sorted({str(v) for v in given})
     labels = [
-        None if row.get("label") in (None, "") else _label_index(row["label"], classes, f"{table} line {n}")
+        None if label_of(row) in (None, "") else _label_index(label_of(row), classes, f"{table} line {n}")
         for n, row in rows
     ]
+    keys = _keys([str(row[columns.image]) for _, row in rows], key, str(table))
 
     def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
-        for i, ((n, row), label) in enumerate(zip(rows, labels)):
+        for i, ((n, row), label, name) in enumerate(zip(rows, labels, keys)):
             where = f"{table} line {n}"
-            caption = str(row["caption"] or "").strip()
-            path = Path(str(row["image"]))
+            caption = str(row[columns.caption] or "").strip() if columns.caption else None
+            path = Path(str(row[columns.image]))
             path = path if path.is_absolute() else table.parent / path
-            if not caption:
+            if columns.caption and not caption:
                 skip(where, "empty caption")
                 continue
             if not path.is_file():
                 skip(where, f"missing image file {path}")
                 continue
-            try:
-                image = _open_image(path)
-            except _UNREADABLE as e:
-                skip(where, f"unreadable image {path} ({e})")
-                continue
-            row_id = row.get("id")
+            row_id = row.get(columns.id) if columns.id else None
             source = str(i) if row_id in (None, "") or isinstance(row_id, (dict, list)) else str(row_id)
-            yield RawSample(f"{i:08d}", image, label, caption,
-                            {"index": i, "path": str(row["image"]), SOURCE_FIELD: source})
+            yield RawSample(name, ImageFile(path, f"{where} ({path})"), label, caption,
+                            {"index": i, "path": str(row[columns.image]), SOURCE_FIELD: source})
 
     return SampleSource(f"captions:{table}", list(classes), len(rows), generate)

@@ -82,9 +82,8 @@ from webdataset.filters import shuffle as buffer_shuffle
 from webdataset.gopen import gopen
 
 from shards.manifest import MANIFEST_NAME, load_manifest
-from shards.sources import normalize_mode
+from shards.record import decode_image, image_extension, no_image_problem
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
 REQUIRABLE = ("label", "caption")
 _ZERO_BLOCK = bytes(512)
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -786,15 +785,11 @@ class ShardStream(IterableDataset):
         """(image, label, caption) of a record, or why it is bad."""
         if "__bad__" in files:
             return files["__bad__"].decode()
-        data = (
-            files.get("png") or files.get("jpg") or next((files[e] for e in IMAGE_EXTS if e in files), None)
-        )
-        if data is None:
-            return f"no image (.{', .'.join(IMAGE_EXTS)}); has {sorted(files)}"
+        ext = image_extension(files)
+        if ext is None:
+            return no_image_problem(files)
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = normalize_mode(image)  # 8-bit L/RGB: high bit depth scaled, transparency onto white
+            image = decode_image(files[ext])  # 8-bit L/RGB: high bit depth scaled, transparency onto white
         except Exception as e:  # PIL raises many types for damaged data; each means the same here
             return f"unreadable image ({type(e).__name__}: {e})"
         label = -1

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.manifest import Manifest, load_manifest, sha256_file
+from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
+from shards.record import image_extension, no_image_problem
 from shards.sources import ALPHA_COMPOSITED, normalize_image
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 
 @dataclass
@@ -85,28 +84,33 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
+def _check_image(ext: str, data: bytes, manifest: Manifest, converted: Counter[str]) -> list[str]:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode, size = im.mode, [im.height, im.width]
+            change = normalize_image(im)[1]  # what the reader will do to it
+    except Exception as e:  # any decoder failure is a finding here, not a crash
+        return [f"undecodable .{ext} image ({type(e).__name__}: {e})"]
+    wrong = []
+    if manifest.image_mode and mode != manifest.image_mode:
+        wrong.append(f"image mode {mode}, manifest says {manifest.image_mode}")
+    if manifest.image_size and size != list(manifest.image_size):
+        wrong.append(f"image size {size}, manifest says {manifest.image_size}")
+    if change:
+        converted[f"{mode} with transparency" if change == ALPHA_COMPOSITED else mode] += 1
+    return wrong
+
+
 def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, converted: Counter[str]) -> list[str]:
     """What is wrong with one sample, as short sentences; images the reader converts are counted in
     `converted` by their stored mode ("RGBA with transparency", "I;16", ...)."""
     wrong = []
-    images = [ext for ext in files if ext in IMAGE_EXTENSIONS]
-    if not images:
-        wrong.append(f"no image (has {sorted(files)})")
-    for ext in images:
-        try:
-            with Image.open(io.BytesIO(files[ext])) as im:
-                im.load()
-                mode, size = im.mode, [im.height, im.width]
-                change = normalize_image(im)[1]  # what the reader will do to it
-        except Exception as e:  # any decoder failure is a finding here, not a crash
-            wrong.append(f"undecodable .{ext} image ({type(e).__name__}: {e})")
-            continue
-        if manifest.image_mode and mode != manifest.image_mode:
-            wrong.append(f"image mode {mode}, manifest says {manifest.image_mode}")
-        if manifest.image_size and size != list(manifest.image_size):
-            wrong.append(f"image size {size}, manifest says {manifest.image_size}")
-        if change:
-            converted[f"{mode} with transparency" if change == ALPHA_COMPOSITED else mode] += 1
+    ext = image_extension(files)  # the one the stream reads
+    if ext is None:
+        wrong.append(no_image_problem(files))
+    else:
+        wrong += _check_image(ext, files[ext], manifest, converted)
     if "cls" in files:
         try:
             label = int(files["cls"].decode("ascii").strip())
@@ -130,15 +134,29 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, convert
     return wrong
 
 
+def _scanned_manifest(folder: Path) -> Manifest:
+    """A stand-in manifest for a set without one: its tars in name order, nothing promised about them."""
+    return Manifest(shards=[ShardInfo(p.name, 0, "") for p in sorted(folder.glob("*.tar"))])
+
+
 def verify(folder: str | Path) -> VerifyReport:
-    """Re-hash every shard, open every sample and report each bad shard or key."""
+    """Re-hash every shard, open every sample and report each bad shard or key.
+
+    A folder of tars without a manifest (another tool's set) is decoded sample by sample; with nothing to
+    compare against, only what the reader would refuse is a problem."""
     folder = Path(folder)
     report = VerifyReport(folder)
-    try:
-        manifest = load_manifest(folder)
-    except (FileNotFoundError, ValueError) as e:
-        report.problems.append(Problem("", "", str(e)))
-        return report
+    foreign = folder.is_dir() and not (folder / MANIFEST_NAME).exists() and any(folder.glob("*.tar"))
+    if foreign:  # another tool's set (img2dataset, webdataset): decode everything, no checksums to compare
+        manifest = _scanned_manifest(folder)
+        report.notes.append(f"no {MANIFEST_NAME} (written by another tool): every sample decoded, but no "
+                            "checksums or counts to compare")
+    else:
+        try:
+            manifest = load_manifest(folder)
+        except (FileNotFoundError, ValueError) as e:
+            report.problems.append(Problem("", "", str(e)))
+            return report
     listed = {s.name for s in manifest.shards}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         report.problems.append(Problem(extra, "", "tar file not listed in the manifest"))
@@ -151,9 +169,9 @@ def verify(folder: str | Path) -> VerifyReport:
             problems.append(Problem(shard.name, "", "missing shard file"))
             continue
         report.shards_checked += 1
-        if path.stat().st_size != shard.bytes:
+        if not foreign and path.stat().st_size != shard.bytes:
             problems.append(Problem(shard.name, "", f"{path.stat().st_size} bytes, manifest says {shard.bytes}"))
-        if sha256_file(path) != shard.sha256:
+        if not foreign and sha256_file(path) != shard.sha256:
             problems.append(Problem(shard.name, "", "sha256 does not match the manifest"))
         count = 0
         try:
@@ -166,7 +184,7 @@ def verify(folder: str | Path) -> VerifyReport:
         except (tarfile.TarError, EOFError, OSError) as e:
             problems.append(Problem(shard.name, "", f"corrupt or truncated tar after {count} samples ({e})"))
         report.samples_checked += count
-        if count != shard.count:
+        if not foreign and count != shard.count:
             problems.append(Problem(shard.name, "", f"{count} samples, manifest says {shard.count}"))
     for what, n in sorted(converted.items()):
         how = "composited onto white" if what.endswith("transparency") else "scaled to 8 bits (not clipped)"

@@ -8,35 +8,38 @@ previous set at that path stays intact until the new one is whole).
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
-import json
+import logging
 import math
+import multiprocessing
 import os
-import re
+import sys
 import tarfile
+import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
-from shards.sources import SOURCE_FIELD, RawSample, normalize_image, normalize_mode
+from shards.record import ENCODINGS, Encoded, Preparer, Record, Unreadable
+from shards.resize import Resize
+from shards.sources import RawSample, SampleSource
+from shards.stats import DatasetStats
+
+log = logging.getLogger(__name__)
+_WINDOW_PER_WORKER = 64  # samples in flight per worker process
+_CHUNK = 8  # samples per task sent to a worker
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 _UNBALANCED_PATTERN = "unbalanced-{:06d}.tar"  # first pass when shards must be re-split evenly
 _TAR_BLOCK = 512
 _TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to a multiple of this
 _TAR_MTIME = 946684800  # fixed member times (2000-01-01) make the tars, and their sha256, reproducible
-ENCODINGS = ("png", "jpg")
-# WebDataset keys cannot hold dots; plain short ASCII keeps every tar member a single 512-byte header
-_KEY = re.compile(r"[!-~]{1,90}")
-
-Record = dict[str, "str | bytes"]  # {"__key__": key, "png": ..., "cls": ..., "txt": ..., "json": ...}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ShardOptions:
     encoding: str = "png"
     jpg_quality: int = 95
     shard_multiple: int = 1  # >1: equal-sized shards (within one sample) whose count is a multiple of this
+    resize: Resize = Resize()  # how images are sized before they are stored (default: as they are)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -61,35 +65,8 @@ class ShardOptions:
         if self.shard_multiple < 1:
             raise ValueError(f"shard_multiple must be >= 1, got {self.shard_multiple}")
 
-
-def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", jpg_quality: int = 95) -> Record:
-    """One sample as WebDataset record bytes: the image (as 8-bit "L" or "RGB", `normalize_image`), `.cls`,
-    `.txt` and `.json` (`sample.meta`, with its source name under "source" when the source gave one)."""
-    key = sample.key
-    if not _KEY.fullmatch(key) or "." in key or "/" in key:
-        raise ValueError(f"bad sample key {key!r}: use 1-90 printable ASCII characters without dots or slashes")
-    image = normalize_mode(sample.image)
-    buf = io.BytesIO()
-    if encoding == "png":
-        image.save(buf, format="PNG")
-    else:
-        image.save(buf, format="JPEG", quality=jpg_quality)
-    record: Record = {"__key__": key, encoding: buf.getvalue()}
-    if sample.label is not None:
-        if isinstance(sample.label, bool) or not 0 <= int(sample.label) < len(classes):
-            raise ValueError(f"sample {key}: label {sample.label!r} is out of range for {len(classes)} classes")
-        record["cls"] = str(int(sample.label)).encode("ascii")
-    if sample.caption is not None:
-        record["txt"] = sample.caption.encode("utf-8")
-    source = sample.meta.get(SOURCE_FIELD) if isinstance(sample.meta, dict) else None
-    if source is not None and (not isinstance(source, str) or not source):
-        raise ValueError(f"sample {key}: meta[{SOURCE_FIELD!r}] (its source name) must be a non-empty string, "
-                         f"got {source!r}")
-    try:
-        record["json"] = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    except TypeError as e:
-        raise ValueError(f"sample {key}: metadata is not JSON-serialisable ({e})") from e
-    return record
+    def preparer(self, classes: list[str]) -> Preparer:
+        return Preparer(tuple(classes), self.encoding, self.jpg_quality, self.resize)
 
 
 def _member_bytes(record: Record) -> int:
@@ -193,48 +170,46 @@ def recut_shards(folder: Path, first: list[ShardInfo], spans: list[tuple[int, in
 
 
 class _SetWriter:
-    """Encodes samples into one staging folder and produces its manifest."""
+    """Stores prepared samples (`shards.record.Encoded`) in one staging folder and produces its manifest."""
 
     def __init__(self, folder: Path, classes: list[str], options: ShardOptions):
         self.folder, self.classes, self.options = folder, list(classes), options
         balance = options.shard_multiple > 1
         self.sink = _ShardSink(folder, _UNBALANCED_PATTERN if balance else SHARD_PATTERN, options)
         self.keys: set[str] = set()
-        self.modes: set[str] = set()
-        self.sizes: set[tuple[int, int]] = set()
-        self.captions = 0
+        self.stats = DatasetStats()
         self.conversions: Counter[str] = Counter()  # normalize_image's changes worth reporting, per kind
 
-    def add(self, sample: RawSample) -> None:
-        image, change = normalize_image(sample.image)  # once, here: encode_sample then keeps it as it is
-        record = encode_sample(replace(sample, image=image), self.classes, self.options.encoding,
-                               self.options.jpg_quality)
-        if sample.key in self.keys:
-            raise ValueError(f"duplicate sample key {sample.key!r}")
-        self.keys.add(sample.key)
-        if change:
-            self.conversions[change] += 1
-        self.modes.add(image.mode)
-        self.sizes.add((image.height, image.width))
-        self.captions += sample.caption is not None
-        self.sink.add(record)
+    def add(self, encoded: Encoded) -> None:
+        key = str(encoded.record["__key__"])
+        if key in self.keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        self.keys.add(key)
+        if encoded.change:
+            self.conversions[encoded.change] += 1
+        self.stats.add(encoded.summary, encoded.label, encoded.has_caption)
+        self.sink.add(encoded.record)
 
-    def finish(self, source: str, split: str) -> Manifest:
+    def finish(self, source: str, split: str, skipped: int = 0) -> Manifest:
         shards = self.sink.close()
         if not shards:
             raise ValueError(f"no samples to write for {source}" + (f" ({split})" if split else ""))
         if self.options.shard_multiple > 1:
             shards = self._balance(shards)
+        stats = self.stats
         manifest = Manifest(
             shards=shards,
             classes=self.classes,
             source=source,
             split=split,
             encoding=self.options.encoding,
-            image_mode=next(iter(self.modes)) if len(self.modes) == 1 else "",
-            image_size=list(next(iter(self.sizes))) if len(self.sizes) == 1 else [],
-            has_captions=self.captions == len(self.keys),
+            image_mode=next(iter(stats.modes)) if len(stats.modes) == 1 else "",
+            image_size=list(next(iter(stats.sizes))) if len(stats.sizes) == 1 else [],
+            has_captions=stats.captions == stats.images,
             conversions=dict(sorted(self.conversions.items())),
+            resize=self.options.resize.describe(),
+            skipped=skipped,
+            stats=stats.to_dict(self.classes),
         )
         manifest.save(self.folder)
         return manifest
@@ -260,6 +235,75 @@ def _check_replaceable(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing to replace it")
 
 
+def _log_skip(what: str, why: str) -> None:
+    log.warning("skipped %s: %s", what, why)
+
+
+def prepared(samples: Iterable[RawSample], prepare: Preparer, workers: int = 1) -> Iterator[Encoded | Unreadable]:
+    """`prepare(sample)` for every sample, in order; over `workers` processes when > 1.
+
+    At most `workers` x `_WINDOW_PER_WORKER` samples are in flight, so a large source is never read far
+    ahead of the shards being written. Order is kept, so the shards are byte for byte those of one process.
+    """
+    if workers <= 1:
+        yield from map(prepare, samples)
+        return
+    window = workers * _WINDOW_PER_WORKER
+    slots = threading.Semaphore(window)
+    stopping = False
+
+    def feed() -> Iterator[RawSample]:  # runs in the pool's task-feeding thread
+        for sample in samples:
+            slots.acquire()
+            if stopping:
+                return
+            yield sample
+
+    pool = _pool_context().Pool(workers)
+    try:
+        for result in pool.imap(prepare, feed(), chunksize=_CHUNK):
+            slots.release()
+            yield result
+        pool.close()
+    finally:
+        stopping = True
+        for _ in range(window):  # wake the feeder if it waits for a slot, so terminate() can join it
+            slots.release()
+        pool.terminate()
+        pool.join()
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork on Linux, as torch's DataLoader: the workers start at once with what the parent imported. spawn and
+    forkserver re-run the main script's imports in every worker, and a console script (`vitssl-shards`) imports
+    torch through webdataset: 4-5 s per worker here, more than the writing it saves. The pool is made before
+    the feeding thread starts, and the workers only run Pillow."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _skip_reporter(samples: Iterable[RawSample], on_skip: Callable[[str, str], None] | None) -> Callable[[str, str], None]:
+    """`on_skip`, else the source's own counter (`SampleSource.skip`), else a warning in the log."""
+    return on_skip or (samples.skip if isinstance(samples, SampleSource) else _log_skip)
+
+
+def _store(items: Iterable[Encoded | Unreadable], on_skip: Callable[[str, str], None],
+           writer_for: Callable[[Encoded], _SetWriter]) -> int:
+    """Add each prepared sample to its set's writer; report the unreadable ones and return how many there were."""
+    skipped = 0
+    for item in items:
+        if isinstance(item, Unreadable):
+            skipped += 1
+            on_skip(item.what, item.why)
+        else:
+            writer_for(item).add(item)
+    return skipped
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+
 def write_shard_set(
     samples: Iterable[RawSample],
     out_dir: str | os.PathLike,
@@ -272,24 +316,31 @@ def write_shard_set(
     encoding: str = "png",
     jpg_quality: int = 95,
     shard_multiple: int = 1,
+    resize: Resize | None = None,
+    workers: int = 1,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Manifest:
     """Write `samples` as `out_dir/shard-000000.tar`, ... and `out_dir/manifest.json`.
 
     A shard closes at `samples_per_shard` samples or before it would pass `max_shard_bytes`.
     With `shard_multiple` M > 1 the set is re-cut into a multiple of M shards whose counts differ
     by at most one, so that ranks x workers get equal shares. Images are stored as 8-bit "L" or "RGB"
-    (`shards.sources.normalize_image`); how many were scaled from a high bit depth or composited from
-    transparency is in the returned manifest's `conversions`.
+    (`shards.sources.normalize_image`), sized by `resize` (`shards.resize.Resize`); how many were scaled from a
+    high bit depth or composited from transparency is in the returned manifest's `conversions`, and the
+    statistics of what was stored in its `stats`. `workers` > 1 opens, resizes and encodes in that many
+    processes; the output is the same bytes. An image file that cannot be opened is skipped: `on_skip(what, why)`
+    is told (default: the source's `skip`, which counts it) and the manifest counts it (`skipped`).
     """
-    options = ShardOptions(samples_per_shard, max_shard_bytes, encoding, jpg_quality, shard_multiple)
+    options = ShardOptions(samples_per_shard, max_shard_bytes, encoding, jpg_quality, shard_multiple, resize or Resize())
+    _check_workers(workers)
+    on_skip = _skip_reporter(samples, on_skip)
     out = Path(out_dir)
     _check_replaceable(out)
     with atomic_path(out) as staging:
         staging.mkdir()
         writer = _SetWriter(staging, classes, options)
-        for sample in samples:
-            writer.add(sample)
-        manifest = writer.finish(source, split)
+        skipped = _store(prepared(samples, options.preparer(classes), workers), on_skip, lambda item: writer)
+        manifest = writer.finish(source, split, skipped)
     return manifest
 
 
@@ -307,16 +358,23 @@ def write_split_shard_sets(
     seed: int = 0,
     classes: list[str],
     source: str,
+    workers: int = 1,
+    on_skip: Callable[[str, str], None] | None = None,
     **options: object,
 ) -> dict[str, Manifest]:
     """Write `out_dir/train/` and `out_dir/val/`, each a full shard set, in one pass over `samples`.
 
     A sample goes to val when a hash of (seed, key) falls under `val_fraction`, so the val share is
-    `val_fraction` up to sampling noise. `options` are those of `write_shard_set`.
+    `val_fraction` up to sampling noise. `options` are those of `write_shard_set`; skipped entries are
+    counted in the train manifest.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if options.get("resize") is None:
+        options["resize"] = Resize()
     opts = ShardOptions(**options)  # type: ignore[arg-type]
+    _check_workers(workers)
+    on_skip = _skip_reporter(samples, on_skip)
     out = Path(out_dir)
     for split in ("train", "val"):
         _check_replaceable(out / split)
@@ -326,6 +384,9 @@ def write_split_shard_sets(
             staging = stack.enter_context(atomic_path(out / split))
             staging.mkdir()
             writers[split] = _SetWriter(staging, classes, opts)
-        for sample in samples:
-            writers["val" if is_val(sample.key, seed, val_fraction) else "train"].add(sample)
-        return {split: w.finish(source, split) for split, w in writers.items()}
+
+        def side(item: Encoded) -> _SetWriter:
+            return writers["val" if is_val(str(item.record["__key__"]), seed, val_fraction) else "train"]
+
+        skipped = _store(prepared(samples, opts.preparer(classes), workers), on_skip, side)
+        return {split: w.finish(source, split, skipped if split == "train" else 0) for split, w in writers.items()}

@@ -26,8 +26,9 @@ from downstream.shard_index import build_index, evaluate_index, index_summary, q
 from pretrain.backbone import create_backbone, export_backbone
 from pretrain.recipe import ModelConfig
 from pretrain.restore import load_backbone_from
+from shards.record import encode_sample
 from shards.sources import RawSample, image_folder_source, sample_source, source_stem
-from shards.writer import encode_sample, write_shard_set
+from shards.writer import write_shard_set
 
 TINY = ModelConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 CLASSES = ["bag", "hat", "shoe"]

@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 from shards.__main__ import main
 from shards.info import info
 from shards.manifest import load_manifest, sha256_file
+from shards.record import encode_sample
 from shards.sources import (
     FASHION_MNIST_CLASSES,
     RawSample,
@@ -33,7 +34,7 @@ from shards.sources import (
     resolve_classes,
 )
 from shards.verify import verify
-from shards.writer import encode_sample, write_shard_set, write_split_shard_sets
+from shards.writer import write_shard_set, write_split_shard_sets
 
 
 def read_set(folder: Path) -> list[dict]:

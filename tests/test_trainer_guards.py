@@ -135,17 +135,22 @@ def test_skipped_samples_are_counted_in_metrics_and_summary(tmp_path):
 
 def test_fit_to_max_minutes_refits_both_ways_within_the_recipe(digits_shards, tmp_path, caplog):
     """A slow first measurement shortens the schedule; when the slowdown goes away the next measurement lengthens
-    it again, never past the recipe's own length; warmup follows in proportion."""
+    it again, never past the recipe's own length. A warmup in updates is kept (at most a quarter of the fitted run);
+    one in epochs follows in proportion."""
     t = Trainer(tiny_recipe(digits_shards, tmp_path / "run", "run.max_steps=1000", "optim.warmup_steps=100",
                             "run.max_minutes=10", "run.fit_to_max_minutes=true"))
     t.state.step, t.state.wall_seconds = 10, 18.0
     t._fit_schedule_to_time(steps_here=10, seconds_here=18.0)  # busy: 0.56 updates/s -> ~320 fit in 582 s
     short = t.total_steps
-    assert 10 < short < 400 and t.warmup_steps == round(100 * short / 1000)
+    assert 10 < short < 400 and t.warmup_steps == min(100, short // 4)
     t.state.step, t.state.wall_seconds = 40, 150.0
     t._fit_schedule_to_time(steps_here=30, seconds_here=10.0)  # quiet again: 3 updates/s -> ~1,300 would fit
     assert t.total_steps == 1000 and t.warmup_steps == 100
     assert (t.state.total_steps, t.state.warmup_steps) == (1000, 100)
     t.state.step, t.state.wall_seconds = 100, 300.0
     t._fit_schedule_to_time(steps_here=60, seconds_here=150.0)  # 0.4/s: 100 + 0.95 * 300 * 0.4 = 214
-    assert t.total_steps == 214
+    assert t.total_steps == 214 and t.warmup_steps == 53
+    t.recipe.optim.warmup_steps = 0  # as if the recipe's warmup had been given in epochs: it scales with the fit
+    t.state.step, t.state.wall_seconds = 10, 18.0
+    t._fit_schedule_to_time(steps_here=10, seconds_here=18.0)
+    assert t.warmup_steps == round(100 * t.total_steps / 1000) < min(100, t.total_steps // 4)

@@ -1,0 +1,59 @@
+"""A shard set back out as an image folder: OUT/<class name>/<key>.<ext>, the layout `write folder` reads.
+
+For looking at a set with ordinary tools, handing it to one that reads folders, or (as the README's "your own
+data" example does) turning a built-in data set into a stand-in for a folder of your own photos. Images are
+written as the reader decodes them (8-bit L/RGB); unlabelled samples go to OUT/unlabelled/. The folder is built
+under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from shards.atomic import atomic_path
+from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.record import read_image, read_label
+from shards.stream import iter_tar_samples, list_shards, open_shard
+
+EXPORT_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+UNLABELLED_FOLDER = "unlabelled"
+_UNSAFE = re.compile(r"[^\w.-]+")  # class names become folder names: no slashes or odd characters
+
+
+def _folder_name(name: str) -> str:
+    return _UNSAFE.sub("_", name).strip("._") or "class"
+
+
+def export_folder(source: str, out: str | Path, image_format: str = "png", jpg_quality: int = 95) -> dict[str, int]:
+    """Write every readable sample of `source` as OUT/<class>/<key>.<format>; returns {folder name: images}.
+    Refuses an existing `out` (nothing is overwritten); samples without a readable image are counted under
+    "(unreadable)" and not written."""
+    if image_format not in EXPORT_FORMATS:
+        raise ValueError(f"image format must be one of {sorted(EXPORT_FORMATS)}, got {image_format!r}")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export writes a new folder")
+    folder = Path(source)
+    classes = load_manifest(folder).classes if (folder / MANIFEST_NAME).is_file() else []
+    names = [_folder_name(c) for c in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names {classes} do not give distinct folder names")
+    counts: dict[str, int] = {}
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        for url, _count in list_shards(source):
+            with open_shard(url) as stream:
+                for key, files in iter_tar_samples(stream):
+                    image = read_image(files)
+                    if image is None:
+                        counts["(unreadable)"] = counts.get("(unreadable)", 0) + 1
+                        continue
+                    label = read_label(files)
+                    name = UNLABELLED_FOLDER if label is None else names[label] if label < len(names) else str(label)
+                    (staging / name).mkdir(exist_ok=True)
+                    path = staging / name / f"{key.replace('/', '_')}.{image_format}"
+                    options = {"quality": jpg_quality} if image_format == "jpg" else {}
+                    image.save(path, format=EXPORT_FORMATS[image_format], **options)
+                    counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,138 @@
+"""A sample as tar files: the one list of image extensions every reader accepts, how a sample's image is found
+and decoded, and how the writers encode one (`encode_sample`, `prepare`).
+
+The stream, `verify`, `info`, the online evaluator and the retrieval layer all take the image of a sample from
+here, so a shard set one of them accepts (say `.webp` from img2dataset) is accepted by all of them. This module
+imports no torch and no webdataset: the writer's worker processes import it and start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, replace
+
+from PIL import Image
+
+from shards.resize import Resize
+from shards.sources import SOURCE_FIELD, UNREADABLE, ImageFile, RawSample, normalize_image, normalize_mode
+from shards.stats import ImageSummary, summarize
+
+ENCODINGS = ("png", "jpg")
+# WebDataset keys cannot hold dots; plain short ASCII keeps every tar member a single 512-byte header
+_KEY = re.compile(r"[!-~]{1,90}")
+
+Record = dict[str, "str | bytes"]  # {"__key__": key, "png": ..., "cls": ..., "txt": ..., "json": ...}
+
+# Preference order when a sample carries more than one image file: ours first (png, jpg), then
+# img2dataset's and other tools' (webp, jpeg), then the rarer formats Pillow decodes.
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+
+
+def image_extension(files: dict[str, bytes]) -> str | None:
+    """The extension of the sample's image file (the first of `IMAGE_EXTENSIONS` it has), or None."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
+
+
+def no_image_problem(files: dict[str, bytes]) -> str:
+    """The one sentence every reader gives for a sample without an image file."""
+    return f"no image (.{', .'.join(IMAGE_EXTENSIONS)}); has {sorted(files)}"
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The stored image as 8-bit "L" or "RGB" (`shards.sources.normalize_image`); raises what Pillow raises."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return normalize_mode(image)
+
+
+def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", jpg_quality: int = 95) -> Record:
+    """One sample as WebDataset record bytes: the image (as 8-bit "L" or "RGB", `normalize_image`), `.cls`,
+    `.txt` and `.json` (`sample.meta`, with its source name under "source" when the source gave one)."""
+    key = sample.key
+    if not _KEY.fullmatch(key) or "." in key or "/" in key:
+        raise ValueError(f"bad sample key {key!r}: use 1-90 printable ASCII characters without dots or slashes")
+    image = normalize_mode(sample.image)
+    buf = io.BytesIO()
+    if encoding == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="JPEG", quality=jpg_quality)
+    record: Record = {"__key__": key, encoding: buf.getvalue()}
+    if sample.label is not None:
+        if isinstance(sample.label, bool) or not 0 <= int(sample.label) < len(classes):
+            raise ValueError(f"sample {key}: label {sample.label!r} is out of range for {len(classes)} classes")
+        record["cls"] = str(int(sample.label)).encode("ascii")
+    if sample.caption is not None:
+        record["txt"] = sample.caption.encode("utf-8")
+    source = sample.meta.get(SOURCE_FIELD) if isinstance(sample.meta, dict) else None
+    if source is not None and (not isinstance(source, str) or not source):
+        raise ValueError(f"sample {key}: meta[{SOURCE_FIELD!r}] (its source name) must be a non-empty string, "
+                         f"got {source!r}")
+    try:
+        record["json"] = json.dumps(sample.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    except TypeError as e:
+        raise ValueError(f"sample {key}: metadata is not JSON-serialisable ({e})") from e
+    return record
+
+
+def read_image(files: dict[str, bytes]) -> Image.Image | None:
+    """The sample's image as 8-bit L/RGB, or None when it has none or it does not decode (callers count it)."""
+    ext = image_extension(files)
+    if ext is None or "__bad__" in files:
+        return None
+    try:
+        return decode_image(files[ext])
+    except Exception:  # Pillow raises many types for damaged data; each means one unreadable sample
+        return None
+
+
+def read_label(files: dict[str, bytes]) -> int | None:
+    """The sample's `.cls` as an int, or None when it has none or it is not an integer."""
+    try:
+        return int(files["cls"].decode("ascii").strip()) if "cls" in files else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One sample ready for a tar: its record, what `normalize_image` changed, and its measurements."""
+
+    record: Record
+    change: str
+    summary: ImageSummary
+    label: int | None
+    has_caption: bool
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A source entry whose image file could not be opened: skipped and counted, not stored."""
+
+    what: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Preparer:
+    """Opens, converts (8-bit L/RGB), resizes, encodes and measures one sample. A picklable callable, so the
+    writer can run it in worker processes; the same code either way, so the bytes do not depend on where."""
+
+    classes: tuple[str, ...]
+    encoding: str = "png"
+    jpg_quality: int = 95
+    resize: Resize = Resize()
+
+    def __call__(self, sample: RawSample) -> Encoded | Unreadable:
+        image = sample.image
+        if isinstance(image, ImageFile):
+            try:
+                image = image.open()
+            except UNREADABLE as e:
+                return Unreadable(image.what, f"unreadable image ({e})")
+        image, change = normalize_image(image)
+        image = self.resize(image)
+        record = encode_sample(replace(sample, image=image), list(self.classes), self.encoding, self.jpg_quality)
+        return Encoded(record, change, summarize(image), sample.label, sample.caption is not None)
