@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-slow lint bench-quick gpu-check clean
+.PHONY: demo test test-slow lint gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m downstream.demo --out demo
 
+# Two pytest workers (pytest-xdist), one thread each: the suite is full of process start-ups, gloo rendezvous and
+# subprocesses that leave a core idle; measured 8:56 -> 7:05 on the 2-core machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -m "not slow" -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q

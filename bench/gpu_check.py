@@ -64,7 +64,9 @@ from shards.atomic import write_text_atomic  # noqa: E402
 FMNIST_DIR = Path(os.environ.get("VITSSL_FMNIST_DIR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 # Seconds per part on a GPU (sum 450 s < 8 minutes, leaving ~30 s for imports and CUDA start-up); --quick: CPU.
 BUDGET = {"throughput": 100, "precision": 45, "augment": 25, "fmnist_dino": 280}
-BUDGET_QUICK = {"throughput": 15, "precision": 15, "augment": 10, "fmnist_dino": 30}
+# Quick (the CPU smoke in make test): generous upper bounds, since the suite runs beside other tests; each part
+# ends when done. fmnist_dino trains for what its budget leaves, so its budget is its length.
+BUDGET_QUICK = {"throughput": 60, "precision": 60, "augment": 40, "fmnist_dino": 30}
 FMNIST_MINUTES = 3.0
 PARITY_STEPS = 20
 PARITY_TOL = 0.05  # |final loss bf16 - fp32| / |fp32|

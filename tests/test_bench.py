@@ -6,17 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from shards.sources import find_mnist_files
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
-# The shared data sits beside the project folder (../shared), as tests/conftest.py finds it.
-FMNIST_DIR = Path(os.environ.get("VITSSL_FMNIST_DIR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 # Benches that read the Fashion-MNIST IDX files and cannot run without them: skipped (with the reason) when the
 # `fmnist_dir` fixture finds none. Others mention the folder but measure without it.
 NEEDS_FMNIST = {"fmnist_eval.py", "shards_stream.py"}
@@ -30,42 +25,17 @@ def test_benches_that_read_fashion_mnist_are_known() -> None:
     assert mention == NEEDS_FMNIST | RUNS_WITHOUT_FMNIST
 
 
-def _fmnist_missing() -> str:
-    try:
-        find_mnist_files(FMNIST_DIR)
-    except FileNotFoundError as e:
-        return f"Fashion-MNIST IDX files not available (set VITSSL_FMNIST_DIR): {e}"
-    return ""
-
-
-def _run_quick(bench: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if bench in NEEDS_FMNIST:  # the same folder the fixture checks, whatever the bench's default
-        env["VITSSL_FMNIST_DIR"] = str(FMNIST_DIR)
-    return subprocess.run([sys.executable, str(ROOT / "bench" / bench), "--quick"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess | str]:
-    """Every bench's --quick run, two at a time (one thread each, so two fill the 2-core machines): half the
-    wall time of running them one after another. A bench that cannot run here maps to the reason."""
-    missing = _fmnist_missing()
-    runs: dict[str, subprocess.CompletedProcess | str] = {b: missing for b in BENCHES if b in NEEDS_FMNIST and missing}
-    todo = [b for b in BENCHES if b not in runs]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {b: pool.submit(_run_quick, b, tmp_path_factory.mktemp(b.removesuffix(".py"))) for b in todo}
-        runs.update({b: f.result() for b, f in futures.items()})
-    return runs
-
-
 @pytest.mark.parametrize("bench", BENCHES)
-def test_bench_quick_prints_json(bench, quick_runs):
-    run = quick_runs[bench]
-    if isinstance(run, str):
-        pytest.skip(run)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+def test_bench_quick_prints_json(bench, tmp_path, request):
+    if bench == "gpu_check.py":  # its precision part and digits fallback read scikit-learn's digits
+        pytest.importorskip("sklearn", reason="gpu_check.py needs scikit-learn's digits")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if bench in NEEDS_FMNIST:  # the same folder the fixture checked, whatever the bench's default
+        env["VITSSL_FMNIST_DIR"] = str(request.getfixturevalue("fmnist_dir"))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / bench), "--quick"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout)
     assert isinstance(result, dict) and result
     if bench == "gpu_check.py":  # every part reports on its own; on the CPU all of them pass
         assert result["quick"] and result["device_type"] == "cpu" and result["total_s"] > 0
