@@ -35,7 +35,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shards.sources import find_mnist_files, idx_source  # noqa: E402
-from shards.stream import ShardStream, iter_tar_samples, to_float_tensor  # noqa: E402
+from shards.stream import ShardStream, to_float_tensor  # noqa: E402
+from shards.tar import iter_tar_samples
 from shards.writer import write_shard_set  # noqa: E402
 
 FMNIST_DIR = os.environ.get(

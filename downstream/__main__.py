@@ -103,7 +103,7 @@ def _finetune(a: argparse.Namespace) -> int:
 
 
 def _zeroshot(a: argparse.Namespace) -> int:
-    from downstream.shard_index import write_json
+    from downstream.search import write_json
     from downstream.zeroshot import zeroshot
 
     result = zeroshot(a.checkpoint, a.shards, a.template or None, retrieval_shards=a.retrieval,
@@ -122,12 +122,12 @@ def _zeroshot(a: argparse.Namespace) -> int:
 def _attention(a: argparse.Namespace) -> int:
     from downstream.attention import attention_maps
 
-    print(f"attention maps: {attention_maps(a.checkpoint, a.shards, a.out, n_images=a.images)}")
+    print(f"attention maps: {attention_maps(a.checkpoint, a.shards, a.out, n_images=a.images, device=a.device)}")
     return 0
 
 
 def _index_build(a: argparse.Namespace) -> int:
-    from downstream.shard_index import build_index, index_summary
+    from downstream.search import build_index, index_summary
 
     build_index(a.checkpoint, a.shards, a.out, pooling=a.pooling, factory=a.factory, exact_below=a.exact_below,
                 batch_size=a.batch_size, num_workers=a.num_workers, cache_dir=a.cache_dir,
@@ -139,7 +139,7 @@ def _index_build(a: argparse.Namespace) -> int:
 
 def _index_add(a: argparse.Namespace) -> int:
     from downstream.retrieval import RetrievalIndex
-    from downstream.shard_index import add_to_index
+    from downstream.search import add_to_index
 
     before = len(RetrievalIndex.load(a.index))
     index = add_to_index(a.index, a.shards, checkpoint=a.checkpoint, batch_size=a.batch_size,
@@ -149,14 +149,14 @@ def _index_add(a: argparse.Namespace) -> int:
 
 
 def _index_info(a: argparse.Namespace) -> int:
-    from downstream.shard_index import index_summary
+    from downstream.search import index_summary
 
     print(json.dumps(index_summary(a.index), indent=2))
     return 0
 
 
 def _index_eval(a: argparse.Namespace) -> int:
-    from downstream.shard_index import evaluate_index, write_json
+    from downstream.search import evaluate_index, write_json
 
     if a.queries and a.queries_option:
         raise ValueError(f"two query shard sets: {a.queries} and --queries {a.queries_option}; give one")
@@ -169,7 +169,7 @@ def _index_eval(a: argparse.Namespace) -> int:
 
 
 def _query(a: argparse.Namespace) -> int:
-    from downstream.shard_index import query_block, query_index, write_json
+    from downstream.search import query_block, query_index, write_json
     from shards.atomic import atomic_path
 
     to_stdout = a.jsonl == "-"  # stdout carries the JSON lines alone; the rest goes to stderr
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("shards", help="shard set to take the first images from")
     at.add_argument("--out", required=True, help="PNG to write")
     at.add_argument("--images", type=int, default=8)
+    at.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     at.set_defaults(run=_attention)
 
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")

@@ -1,6 +1,6 @@
 """Attention maps of any trained backbone: the last block's CLS-to-patch attention per head, overlaid on images.
 
-    python -m downstream.attention runs/dino --shards data/fmnist/val --out attention.png --images 8
+    python -m downstream attention runs/dino data/fmnist/val --out attention.png --images 8
 
 Works for whatever `pretrain.restore.load_backbone_from` reads (a run folder, a checkpoint, an exported
 backbone) and any objective (DINO, MAE, CLIP, supervised): the images are taken, un-augmented, from a shard
@@ -9,20 +9,15 @@ set in its canonical order and normalised as the backbone was trained (`pretrain
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 
+from pretrain.attention_maps import attention_grid_png
 from pretrain.backbone import data_stats
-from pretrain.monitors import attention_grid_png, cls_attention
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
 from shards.stream import ShardStream
-
-__all__ = ["attention_maps", "cls_attention", "first_images"]
 
 
 def first_images(model: torch.nn.Module, shards: str | Path, n: int) -> torch.Tensor:
@@ -39,31 +34,11 @@ def first_images(model: torch.nn.Module, shards: str | Path, n: int) -> torch.Te
 
 
 def attention_maps(source: str | Path, shards: str | Path, out: str | Path, n_images: int = 8,
-                   device: str | torch.device = "cpu") -> Path:
-    """Write the PNG grid for the backbone at `source` on the first `n_images` of `shards`; return its path."""
+                   device: str | torch.device | None = None) -> Path:
+    """Write the PNG grid for the backbone at `source` on the first `n_images` of `shards`; return its path.
+    `device`: default cuda when there is one, else cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_backbone_from(source).to(device)
     images = first_images(model, shards, n_images).to(device)
     mean, std = data_stats(model)
     return attention_grid_png(model, images, out, mean, std, max_images=n_images)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m downstream.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="run folder, checkpoint folder or exported backbone")
-    p.add_argument("--shards", required=True, help="shard set to take the images from")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--images", type=int, default=8, help="how many images (rows)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
-    try:
-        path = attention_maps(a.source, a.shards, a.out, a.images, a.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"attention_png": str(path)}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["fine-tune"] = time.monotonic() - t
 
     t = _step("5. index: FAISS over the train split, then query it")
-    from downstream.shard_index import build_index, query_index
-    from shards.stream import iter_tar_samples, list_shards, open_shard
+    from downstream.search import build_index, query_index
+    from shards.tar import iter_tar_samples, list_shards, open_shard
 
     index_dir = out / "index"
     build_index(run_dir, str(out / "shards" / "train"), index_dir, cache_dir=out / "features", pooling=POOLING)

@@ -37,7 +37,8 @@ from pretrain.backbone import fingerprint as backbone_fingerprint
 from pretrain.transforms import eval_transform
 from shards.atomic import atomic_path, write_text_atomic
 from shards.manifest import MANIFEST_NAME, load_manifest
-from shards.stream import ShardStream, list_shards
+from shards.stream import ShardStream
+from shards.tar import list_shards, manifest_class_names
 
 CACHE_FORMAT = "vitssl-features/1"
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
@@ -337,7 +338,7 @@ def extract_features(
         indices=sorted_idx.contiguous(),
         keys=[keys[i] for i in order.tolist()],
         captions=[captions[i] for i in order.tolist()],
-        classes=_classes(source),
+        classes=manifest_class_names(source),
         pooling=pooling,
         fingerprint=fp,
         source=source,
@@ -362,13 +363,6 @@ def _check_labels(f: Features, source: str) -> None:
             f"{source}: {missing} of {len(f)} samples have no label (.cls), the first {first!r}; "
             "a probe needs labelled shards"
         )
-
-
-def _classes(source: str) -> list[str]:
-    p = Path(source)
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
-        return list(load_manifest(p).classes)
-    return []
 
 
 def load_labelled_features(

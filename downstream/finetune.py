@@ -35,7 +35,8 @@ from pretrain.recipe import Recipe, load_recipe
 from pretrain.restore import load_backbone_from, resolve_weights_dir
 from pretrain.trainer import Trainer, to_device
 from pretrain.transforms import eval_transform
-from shards.stream import ShardStream, list_shards
+from shards.stream import ShardStream
+from shards.tar import list_shards
 
 # Fine-tuning defaults when no recipe file is given: MAE's fine-tuning recipe (AdamW 0.9/0.999, base lr 5e-4 at
 # batch 256 (x batch/256), wd 0.05, drop path 0.1, label smoothing 0.1, warmup + cosine) with layer decay 0.75

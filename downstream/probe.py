@@ -1,5 +1,5 @@
 """Classifiers on frozen features: linear probes by MAE's and by DINO's protocol, k-NN by DINO's protocol, and
-the heads of `downstream.heads` (cosine classifier, nearest class centre) trained the same way.
+the heads of `pretrain.heads` (cosine classifier, nearest class centre) trained the same way.
 
 Features are float tensors (N, D) already extracted by the backbone (`downstream.features`); labels are
 integers in [0, num_classes). The probes run on the features' device, full tensors in memory, mini-batches
@@ -37,6 +37,8 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from downstream.metrics import classification_metrics, confusion_matrix, per_class_accuracy, topk_accuracy
+from downstream.retrieval import faiss_gpu_count, l2_normalized
+from pretrain.heads import ClassCentreHead, CosineClassifier
 from shards.atomic import write_text_atomic
 
 __all__ = [
@@ -236,7 +238,7 @@ class LinearHeads(nn.Module):
 
 
 class CosineHeads(nn.Module):
-    """`num_heads` cosine classifiers (`downstream.heads.CosineClassifier`, learned scale) trained in one pass:
+    """`num_heads` cosine classifiers (`pretrain.heads.CosineClassifier`, learned scale) trained in one pass:
     logits[h] = scale[h] * normalize(x) @ normalize(W[h]).T; `classifier(h)` returns head h as a
     CosineClassifier."""
 
@@ -263,7 +265,6 @@ class CosineHeads(nn.Module):
         return self.forward_nch(x).permute(2, 0, 1)
 
     def classifier(self, head: int = 0, fold: bool = False) -> nn.Module:
-        from downstream.heads import CosineClassifier
 
         _, c, d = self.weight.shape
         out = CosineClassifier(d, c, scale=float(self.log_scale[head].detach().exp()), learn_scale=True)
@@ -902,7 +903,7 @@ def cosine_probe(
     max_grid_extensions: int = 3,
     seed: int = 0,
 ) -> ProbeResult:
-    """A `downstream.heads.CosineClassifier` (learned scale, starting at `scale`) trained on frozen features with
+    """A `pretrain.heads.CosineClassifier` (learned scale, starting at `scale`) trained on frozen features with
     cross-entropy by the DINO probe's recipe (SGD momentum 0.9, cosine schedule, lr swept on held-out train and
     grown at an edge, refit on all of train). No standardisation: the head sees only the features' directions,
     as k-NN and retrieval do. The returned classifier is the CosineClassifier itself."""
@@ -929,10 +930,9 @@ def centre_probe(
     num_classes: int | None = None,
     classes: Sequence[str] | None = None,
 ) -> ProbeResult:
-    """Nearest class centre by cosine (`downstream.heads.ClassCentreHead`, one full update): each centre is the
+    """Nearest class centre by cosine (`pretrain.heads.ClassCentreHead`, one full update): each centre is the
     renormalised mean of its class's L2-normalised train features; a test row goes to the most similar centre.
     No hyper-parameters, no selection; a class without train rows scores -inf."""
-    from downstream.heads import ClassCentreHead
 
     started = time.perf_counter()
     train_x, train_y, test_x, test_y, num_classes = _prepare(
@@ -950,16 +950,6 @@ def centre_probe(
 
 
 # --------------------------------------------------------------------------------------------------- k-NN
-
-
-def _faiss_gpu_count() -> int:
-    # faiss-cpu builds have no GPU symbols at all.
-    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-
-
-def _normalized(x: torch.Tensor) -> np.ndarray:
-    """Rows L2-normalised, as contiguous float32 numpy (what FAISS takes); a zero row stays zero."""
-    return np.ascontiguousarray(F.normalize(x.float(), dim=1).cpu().numpy())
 
 
 def knn_scores(
@@ -987,15 +977,15 @@ def knn_scores(
     if query_batch < 1:
         raise ValueError(f"query_batch must be >= 1, got {query_batch}")
     k = min(k, len(train_features))
-    database = _normalized(train_features)
+    database = l2_normalized(train_features.float().cpu().numpy(), "train features")
     index = faiss.IndexFlatIP(database.shape[1])
-    if use_gpu or (use_gpu is None and _faiss_gpu_count() > 0):
+    if use_gpu or (use_gpu is None and faiss_gpu_count() > 0):
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(database)
     train_y = train_labels.long().cpu()
     scores = torch.zeros(len(query_features), num_classes, dtype=torch.float32)
     for start in range(0, len(query_features), query_batch):
-        queries = _normalized(query_features[start : start + query_batch])
+        queries = l2_normalized(query_features[start : start + query_batch].float().cpu().numpy(), "query features")
         sims, ids = index.search(queries, k)
         weights = torch.from_numpy(sims).div_(temperature).exp_()
         neighbour_labels = train_y[torch.from_numpy(ids)]

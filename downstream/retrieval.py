@@ -19,7 +19,6 @@ top-k (bench/retrieval.py measured IVF against HNSW; see `default_factory`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from downstream.metrics import map_from_hits, recall_from_hits
 from shards.atomic import atomic_path
+from shards.manifest import sha256_file
 from shards.sources import source_stem
 
 FORMAT = "vitssl-retrieval/1"
@@ -83,8 +83,8 @@ def default_factory(n: int, exact_below: int = 100_000) -> str:
     return f"IVF{nlist},Flat"
 
 
-def _gpu_count() -> int:
-    # faiss-cpu builds have no GPU symbols at all; get_num_gpus() is 0 there.
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu, whose builds have no GPU symbols at all."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
@@ -105,7 +105,10 @@ def _as_vectors(x: Any, what: str, dim: int | None = None) -> np.ndarray:
     return arr
 
 
-def _normalized(x: np.ndarray, what: str) -> np.ndarray:
+def l2_normalized(x: np.ndarray, what: str) -> np.ndarray:
+    """Rows of unit length (a copy, float32 as FAISS takes it); an all-zero row has no direction to compare by
+    cosine and is a `RetrievalError` naming `what` and the row."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1)
     if (norms == 0).any():
         raise RetrievalError(f"{what} row {int(np.flatnonzero(norms == 0)[0])} is all zeros: it has no direction "
@@ -180,7 +183,7 @@ def comparable(value: Any) -> Any:
 
 
 def row_field(row: dict, name: str) -> Any:
-    """The value of field `name` for a metadata row (`rows_for`, `downstream.shard_index.metadata_rows`):
+    """The value of field `name` for a metadata row (`rows_for`, `downstream.search.metadata_rows`):
     one of its columns (key, shard, label, label_name, caption, source), `source_stem` (the source's file name
     without its image extension), or else the field `name` of the sample's .json (`row["meta"]`); None when
     absent. Comparable with `==` (see `comparable`)."""
@@ -200,14 +203,6 @@ def parse_relevant(spec: str) -> str:
         return spec[len("field:"):].strip()
     raise RetrievalError(f"relevant={spec!r}: use label, key or field:NAME (NAME: source, source_stem, shard, "
                          "caption, label_name or any field of the samples' .json)")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -272,7 +267,7 @@ class RetrievalIndex:
         except (TypeError, ValueError) as e:
             raise RetrievalError(f"info must be JSON-serialisable: {e}") from e
         if normalize:
-            x = _normalized(x, "embeddings")
+            x = l2_normalized(x, "embeddings")
         factory = factory or default_factory(n, exact_below)
         if "IDMap" in factory:
             raise RetrievalError(f"factory {factory!r}: ids are row numbers here, leave out IDMap")
@@ -311,7 +306,7 @@ class RetrievalIndex:
         n_train = min(n, max(64 * nlist, 10_000))
         sample = x if n_train == n else x[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
         gpu_clustering = None
-        if nlist and _gpu_count() > 0:
+        if nlist and faiss_gpu_count() > 0:
             ivf = faiss.extract_index_ivf(self.index)
             gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
             ivf.clustering_index = gpu_clustering
@@ -330,7 +325,7 @@ class RetrievalIndex:
         if len(rows) != x.shape[0]:
             raise RetrievalError(f"{x.shape[0]} embeddings but {len(rows)} metadata rows")
         if self.info["normalized"] and not _normalized_already:
-            x = _normalized(x, "embeddings")
+            x = l2_normalized(x, "embeddings")
         start = len(self)
         ids = np.arange(start, start + x.shape[0], dtype=np.int64)
         records = [(int(i), *_clean_row(r, int(i))) for i, r in zip(ids, rows)]
@@ -420,7 +415,7 @@ class RetrievalIndex:
         return int(self.index.ntotal)
 
     def _searcher(self) -> faiss.Index:
-        if _gpu_count() == 0 or self._gpu_failed:
+        if faiss_gpu_count() == 0 or self._gpu_failed:
             return self.index
         if self._gpu_index is None:
             try:  # a clone carries the CPU index's nprobe; HNSW and some others have no GPU version
@@ -447,7 +442,7 @@ class RetrievalIndex:
             raise RetrievalError(f"k must be a positive integer, got {k!r}")
         q = _as_vectors(queries, "queries", self.dim)
         if self.info["normalized"]:
-            q = _normalized(q, "queries")
+            q = l2_normalized(q, "queries")
         excl = None
         if exclude_ids is not None:
             excl = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
@@ -607,7 +602,7 @@ class RetrievalIndex:
             for p in (index_path, meta_path):
                 _fsync(p)
             self.info["count"] = len(self)
-            self.info["sha256"] = {INDEX_NAME: _sha256(index_path), META_NAME: _sha256(meta_path)}
+            self.info["sha256"] = {INDEX_NAME: sha256_file(index_path), META_NAME: sha256_file(meta_path)}
             (tmp / INFO_NAME).write_text(json.dumps(self.info, indent=2, sort_keys=True))
             _fsync(tmp / INFO_NAME)
         return folder
@@ -638,7 +633,7 @@ class RetrievalIndex:
                 raise RetrievalError(f"index at {folder} has {name} = {info[name]!r}, expected {want!r}")
         if verify:
             for name, digest in info.get("sha256", {}).items():
-                if _sha256(folder / name) != digest:
+                if sha256_file(folder / name) != digest:
                     raise RetrievalError(f"{folder / name} does not match the checksum in {INFO_NAME}: "
                                          "truncated or modified since it was saved")
         try:

@@ -64,7 +64,8 @@ from pretrain.monitors import effective_rank
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
 from shards.record import image_extension
-from shards.stream import ShardStream, iter_tar_samples, list_shards, open_shard
+from shards.stream import ShardStream
+from shards.tar import iter_tar_samples, list_shards, open_shard
 
 if TYPE_CHECKING:
     from pretrain.recipe import AlarmConfig, EvalConfig

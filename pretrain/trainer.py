@@ -43,8 +43,10 @@ from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
 from pretrain.position import Launch, launch_of, translate
 from pretrain.recipe import Recipe, save_recipe
+from pretrain.schedule import cosine_value
 from shards.atomic import write_text_atomic
-from shards.stream import ShardStream, StreamError, list_shards
+from shards.stream import ShardStream
+from shards.tar import StreamError, list_shards
 
 log = logging.getLogger("vitssl.trainer")
 
@@ -132,13 +134,6 @@ def _same_point(a: TrainerState, b: TrainerState) -> bool:
     return (a.step, a.samples_seen) == (b.step, b.samples_seen)
 
 
-def cosine_value(start: float, end: float, step: int, total: int) -> float:
-    if total <= 0:
-        return end
-    t = min(max(step / total, 0.0), 1.0)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -181,6 +176,64 @@ class _StopSignal:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@dataclass
+class _Window:
+    """What the next metrics row averages: the loss of the micro-batches since the previous row, and the rate."""
+
+    loss: float = 0.0
+    n: int = 0
+    t0: float = 0.0
+    samples: int = 0
+
+    def add_loss(self, value: float) -> None:
+        self.loss += value
+        self.n += 1
+
+    def restart(self, now: float) -> None:
+        self.loss, self.n, self.t0, self.samples = 0.0, 0, now, 0
+
+
+@dataclass
+class _Update:
+    """One optimizer update in the making, over its accumulated micro-batches."""
+
+    bad: bool = False  # a non-finite loss on some rank: the update is skipped
+    samples: int = 0
+    skipped: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Loop:
+    """The state of one launch's training loop that is not checkpointed (the clock, the log window, the progress
+    bar, the run.fit_to_max_minutes marks)."""
+
+    t_start: float
+    fit_mark: tuple[float, int]  # (time, step) from which run.fit_to_max_minutes measures the rate
+    fit_points: list[float]
+    budget: float  # seconds of run.max_minutes
+    last_checkpoint_time: float
+    window: _Window = field(default_factory=_Window)
+    final_loss: float = float("nan")
+    bad_in_a_row: int = 0
+    stopped: str = ""
+    progress: Any = None
+
+    @classmethod
+    def start(cls, wall_seconds: float, step: int, run: Any) -> _Loop:
+        now = time.monotonic()
+        budget = 60 * run.max_minutes
+        points = [f for f in FIT_POINTS if f * budget > wall_seconds] if run.fit_to_max_minutes else []
+        return cls(now - wall_seconds, (now, step), points, budget, now)
+
+    def fit_due(self, wall_seconds: float, step: int) -> bool:
+        return bool(self.fit_points) and wall_seconds >= self.fit_points[0] * self.budget and step - self.fit_mark[1] >= 5
+
+    def fitted(self, now: float, step: int, wall_seconds: float) -> None:
+        self.fit_mark = (now, step)
+        self.fit_points = [f for f in self.fit_points if f * self.budget > wall_seconds]
 
 
 class Trainer:
@@ -557,7 +610,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
-        acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
+        acc, r = self.accelerator, self.recipe.run
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(self.recipe, self.out_dir / "recipe.yaml")
@@ -571,180 +624,186 @@ class Trainer:
             return self._already_finished()
         self._start_watching()
         if self.is_main:
-            log.info(
-                f"{self.recipe.objective.name}: {acc.num_processes} process(es) on {acc.device}, precision {r.precision}; "
-                f"global batch {self.global_batch} = {self.recipe.data.batch_size} per process x "
-                f"{acc.num_processes} processes x {o.accum_steps} accumulation; "
-                f"lr = {o.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g}; "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, warmup {self.warmup_steps}"
-            )
+            log.info(self._describe_launch())
         self.model.train()
-        t_start = time.monotonic() - self.state.wall_seconds
-        fit_mark = (time.monotonic(), self.state.step)  # run.fit_to_max_minutes measures the rate from here
-        budget = 60 * r.max_minutes
-        fit_points = [f for f in FIT_POINTS if f * budget > self.state.wall_seconds] if r.fit_to_max_minutes else []
-        last_ckpt_time = time.monotonic()
-        final_loss = float("nan")
-        bad_in_a_row = 0
-        stopped = ""
-        progress = None
+        loop = _Loop.start(self.state.wall_seconds, self.state.step, r)
         if self.is_main and r.progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+            loop.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
         with _StopSignal() as stop:
-            while self.state.step < self.total_steps and not stopped:
-                epoch = self.state.epoch
-                self.stream.set_position(epoch, self.state.batches_done)
-                self._unwrapped().on_epoch_start(epoch, self.steps_per_epoch)
-                micro = 0
-                update_bad = False
-                update_samples = update_skipped = 0
-                window_loss, window_n, window_t0, window_samples = 0.0, 0, time.monotonic(), 0
-                metrics: dict[str, float] = {}
-                for batch in self.stream.loader(pin_memory=acc.device.type == "cuda"):
-                    # Micro-batches past the epoch's last full update are dropped, identically on every rank.
-                    if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
-                        break
-                    batch = to_device(batch, acc.device)
-                    self.state.batches_done += 1
-                    micro += 1
-                    is_update = micro % o.accum_steps == 0
-                    with acc.autocast():
-                        loss, metrics = self.model(batch)
-                    (bad,) = self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
-                    if bad:
-                        update_bad = True
-                    elif not update_bad:
-                        if is_update:
-                            acc.backward(loss / o.accum_steps)
-                        else:
-                            with acc.no_sync(self.model):
-                                acc.backward(loss / o.accum_steps)
-                        window_loss += float(loss.detach())
-                        window_n += 1
-                    # Samples trained: pads (duplicates standing in for unreadable samples) are not counted.
-                    n_img = int((~batch["pad"]).sum()) if "pad" in batch else len(batch["index"])
-                    update_samples += n_img
-                    update_skipped += int(batch.get("skipped", 0))
-                    if not is_update:
-                        continue
-
-                    # ---- one optimizer update (or a skipped one) ----
-                    lr = self._set_step_schedules(self.state.step)
-                    grad_norm = float("nan")
-                    if update_bad:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.state.nonfinite_total += 1
-                        bad_in_a_row += 1
-                        log.warning(
-                            f"non-finite loss at step {self.state.step} (epoch {epoch}); update skipped "
-                            f"({bad_in_a_row} in a row, {self.state.nonfinite_total} in total)"
-                        )
-                        if bad_in_a_row >= r.nonfinite_patience:
-                            self._diverged(bad_in_a_row)
-                    else:
-                        bad_in_a_row = 0
-                        if o.clip_grad > 0:
-                            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.clip_grad))
-                        self._unwrapped().before_optimizer_step(self.state.step, self.total_steps)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.state.step += 1
-                        hook_metrics = self._unwrapped().on_step_end(self.state.step, self.total_steps)
-                        metrics = {**metrics, **hook_metrics}
-                    update_bad = False
-                    if progress is not None:
-                        progress.update(1)
-
-                    now = time.monotonic()
-                    self.state.wall_seconds = now - t_start
-                    # Clock- and signal-driven decisions differ per rank, and so do sample counts; one all-reduce
-                    # makes them shared.
-                    samples, skipped, *flags = self._rank_sums(
-                        update_samples,
-                        update_skipped,
-                        stop.received is not None,
-                        r.checkpoint_every_minutes > 0 and now - last_ckpt_time >= 60 * r.checkpoint_every_minutes,
-                        r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
-                        bool(fit_points) and self.state.wall_seconds >= fit_points[0] * budget
-                        and self.state.step - fit_mark[1] >= 5,
-                        self.evaluator.due(self.state.step, now),
-                        self._collapse_pending,
-                    )
-                    signalled, by_time, time_up, fit_due, eval_due, collapse = (v > 0 for v in flags)
-                    self.state.samples_seen += int(samples)
-                    window_samples += int(samples)
-                    self._count_skipped(epoch, int(skipped))
-                    update_samples = update_skipped = 0
-                    # The online k-NN: when due, and at the end of the schedule or the time budget.
-                    last = (self.state.step >= self.total_steps or time_up) and not (signalled or collapse)
-                    evaluated = eval_due or (last and self.evaluator.end_due(self.state.step))
-                    if evaluated:
-                        self._evaluate()
-
-                    if window_n and (self.state.step % r.log_every == 0 or self.state.step == self.total_steps
-                                     or evaluated):
-                        final_loss = window_loss / window_n
-                        rate = window_samples / max(now - window_t0, 1e-9)
-                        row = {
-                            "step": self.state.step,
-                            "epoch": epoch,
-                            "loss": final_loss,
-                            "lr": lr,
-                            # measured only when clipping; NaN would make metrics.jsonl invalid JSON
-                            **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),
-                            "samples_per_s": rate,
-                            "samples_seen": self.state.samples_seen,
-                            "nonfinite_total": self.state.nonfinite_total,
-                            # unreadable samples the stream skipped (all ranks): this epoch so far, and the run's
-                            "skipped_epoch": self.state.skipped_per_epoch[epoch],
-                            "skipped_total": self.state.skipped_total,
-                            **{k: float(v) for k, v in metrics.items() if k != "loss"},
-                            **self._eval_row,  # knn_top1, feat_rank, eval_seconds when an evaluation ran
-                        }
-                        self._eval_row = {}
-                        self._log(row)
-                        self._watch(row)
-                        if progress is not None:
-                            progress.set_postfix(loss=f"{final_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                        window_loss, window_n, window_t0, window_samples = 0.0, 0, now, 0
-                    elif window_n:
-                        final_loss = window_loss / window_n
-
-                    if fit_due:
-                        self._fit_schedule_to_time(self.state.step - fit_mark[1], now - fit_mark[0])
-                        fit_mark = (now, self.state.step)
-                        fit_points = [f for f in fit_points if f * budget > self.state.wall_seconds]
-                        if progress is not None:
-                            progress.total = self.total_steps
-                    by_steps = r.checkpoint_every_steps and self.state.step % r.checkpoint_every_steps == 0
-                    if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
-                        self.state.epoch += 1
-                        self.state.batches_done = 0
-                    if by_steps or by_time or signalled or time_up or collapse:
-                        self._save()
-                        last_ckpt_time = time.monotonic()
-                    if signalled:
-                        stopped = "signal"
-                    elif time_up:
-                        stopped = "max_minutes"
-                    elif collapse:
-                        stopped = "collapse"
-                    if stopped or self.state.step >= self.total_steps:
-                        break
-                    if self.state.batches_done == 0:  # epoch finished
-                        break
-                else:
-                    # loader exhausted before the step count says the epoch is over (fewer batches than planned)
-                    if self.state.batches_done:
-                        self.state.epoch += 1
-                        self.state.batches_done = 0
-        if progress is not None:
-            progress.close()
+            while self.state.step < self.total_steps and not loop.stopped:
+                self._run_epoch(loop, stop)
+        if loop.progress is not None:
+            loop.progress.close()
         if self.last_checkpoint is None or not _same_point(read_trainer_state(self.last_checkpoint)[0], self.state):
             self._save()
-        return self._finish(final_loss, stopped)
+        return self._finish(loop.final_loss, loop.stopped)
+
+    def _describe_launch(self) -> str:
+        acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
+        return (f"{self.recipe.objective.name}: {acc.num_processes} process(es) on {acc.device}, precision "
+                f"{r.precision}; global batch {self.global_batch} = {self.recipe.data.batch_size} per process x "
+                f"{acc.num_processes} processes x {o.accum_steps} accumulation; "
+                f"lr = {o.base_lr:g} x {self.global_batch}/256 = {self.lr:.3g}; "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, warmup {self.warmup_steps}")
+
+    def _run_epoch(self, loop: _Loop, stop: _StopSignal) -> None:
+        """The rest of the current epoch (from the resume point), micro-batch by micro-batch; returns at the epoch's
+        end or when the run stops."""
+        acc, o = self.accelerator, self.recipe.optim
+        epoch = self.state.epoch
+        self.stream.set_position(epoch, self.state.batches_done)
+        self._unwrapped().on_epoch_start(epoch, self.steps_per_epoch)
+        update = _Update()
+        loop.window.restart(time.monotonic())
+        micro = 0
+        for batch in self.stream.loader(pin_memory=acc.device.type == "cuda"):
+            # Micro-batches past the epoch's last full update are dropped, identically on every rank.
+            if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
+                break
+            self.state.batches_done += 1
+            micro += 1
+            is_update = micro % o.accum_steps == 0
+            self._micro_step(to_device(batch, acc.device), update, loop.window, sync=is_update)
+            if not is_update:
+                continue
+            lr, grad_norm = self._optimizer_update(update, loop, epoch)
+            if self._after_update(loop, stop, update, epoch, lr, grad_norm):
+                return
+            update = _Update()
+        else:
+            # loader exhausted before the step count says the epoch is over (fewer batches than planned)
+            if self.state.batches_done:
+                self.state.epoch += 1
+                self.state.batches_done = 0
+
+    def _micro_step(self, batch: dict, update: _Update, window: _Window, *, sync: bool) -> None:
+        """Forward and backward of one micro-batch; a non-finite loss on any rank marks the whole update bad (its
+        gradients are then never applied). `sync`: the last micro-batch of an update, whose backward all-reduces."""
+        acc, o = self.accelerator, self.recipe.optim
+        with acc.autocast():
+            loss, update.metrics = self.model(batch)
+        (bad,) = self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
+        if bad:
+            update.bad = True
+        elif not update.bad:
+            if sync:
+                acc.backward(loss / o.accum_steps)
+            else:
+                with acc.no_sync(self.model):
+                    acc.backward(loss / o.accum_steps)
+            window.add_loss(float(loss.detach()))
+        # Samples trained: pads (duplicates standing in for unreadable samples) are not counted.
+        update.samples += int((~batch["pad"]).sum()) if "pad" in batch else len(batch["index"])
+        update.skipped += int(batch.get("skipped", 0))
+
+    def _optimizer_update(self, update: _Update, loop: _Loop, epoch: int) -> tuple[float, float]:
+        """One optimizer update, or a skipped one after a non-finite loss; returns (lr, grad norm or NaN)."""
+        acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
+        lr = self._set_step_schedules(self.state.step)
+        grad_norm = float("nan")
+        if update.bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_total += 1
+            loop.bad_in_a_row += 1
+            log.warning(
+                f"non-finite loss at step {self.state.step} (epoch {epoch}); update skipped "
+                f"({loop.bad_in_a_row} in a row, {self.state.nonfinite_total} in total)"
+            )
+            if loop.bad_in_a_row >= r.nonfinite_patience:
+                self._diverged(loop.bad_in_a_row)
+        else:
+            loop.bad_in_a_row = 0
+            if o.clip_grad > 0:
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.clip_grad))
+            self._unwrapped().before_optimizer_step(self.state.step, self.total_steps)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            hook_metrics = self._unwrapped().on_step_end(self.state.step, self.total_steps)
+            update.metrics = {**update.metrics, **hook_metrics}
+        if loop.progress is not None:
+            loop.progress.update(1)
+        return lr, grad_norm
+
+    def _after_update(self, loop: _Loop, stop: _StopSignal, update: _Update, epoch: int, lr: float,
+                      grad_norm: float) -> bool:
+        """What follows an update: shared decisions, the online k-NN, the log row, the schedule fit, the epoch's
+        end, checkpoints and stopping. True when the epoch loop should end (epoch over, or the run stops)."""
+        r, o = self.recipe.run, self.recipe.optim
+        now = time.monotonic()
+        self.state.wall_seconds = now - loop.t_start
+        # Clock- and signal-driven decisions differ per rank, and so do sample counts; one all-reduce makes them
+        # shared.
+        samples, skipped, *flags = self._rank_sums(
+            update.samples,
+            update.skipped,
+            stop.received is not None,
+            r.checkpoint_every_minutes > 0 and now - loop.last_checkpoint_time >= 60 * r.checkpoint_every_minutes,
+            r.max_minutes > 0 and self.state.wall_seconds >= 60 * r.max_minutes,
+            loop.fit_due(self.state.wall_seconds, self.state.step),
+            self.evaluator.due(self.state.step, now),
+            self._collapse_pending,
+        )
+        signalled, by_time, time_up, fit_due, eval_due, collapse = (v > 0 for v in flags)
+        self.state.samples_seen += int(samples)
+        loop.window.samples += int(samples)
+        self._count_skipped(epoch, int(skipped))
+        # The online k-NN: when due, and at the end of the schedule or the time budget.
+        last = (self.state.step >= self.total_steps or time_up) and not (signalled or collapse)
+        evaluated = eval_due or (last and self.evaluator.end_due(self.state.step))
+        if evaluated:
+            self._evaluate()
+        self._log_update(loop, update, epoch, lr, grad_norm, now, force=evaluated)
+        if fit_due:
+            self._fit_schedule_to_time(self.state.step - loop.fit_mark[1], now - loop.fit_mark[0])
+            loop.fitted(now, self.state.step, self.state.wall_seconds)
+            if loop.progress is not None:
+                loop.progress.total = self.total_steps
+        by_steps = r.checkpoint_every_steps and self.state.step % r.checkpoint_every_steps == 0
+        if self.state.batches_done >= self.steps_per_epoch * o.accum_steps:
+            self.state.epoch += 1
+            self.state.batches_done = 0
+        if by_steps or by_time or signalled or time_up or collapse:
+            self._save()
+            loop.last_checkpoint_time = time.monotonic()
+        loop.stopped = "signal" if signalled else "max_minutes" if time_up else "collapse" if collapse else ""
+        return bool(loop.stopped) or self.state.step >= self.total_steps or self.state.batches_done == 0
+
+    def _log_update(self, loop: _Loop, update: _Update, epoch: int, lr: float, grad_norm: float, now: float, *,
+                    force: bool) -> None:
+        """Every run.log_every updates (and at the last one, or after an evaluation): one metrics row averaging the
+        window since the previous row."""
+        r, w = self.recipe.run, loop.window
+        if not w.n:
+            return
+        loop.final_loss = w.loss / w.n
+        if not (force or self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
+            return
+        rate = w.samples / max(now - w.t0, 1e-9)
+        row = {
+            "step": self.state.step,
+            "epoch": epoch,
+            "loss": loop.final_loss,
+            "lr": lr,
+            # measured only when clipping; NaN would make metrics.jsonl invalid JSON
+            **({"grad_norm": grad_norm} if math.isfinite(grad_norm) else {}),
+            "samples_per_s": rate,
+            "samples_seen": self.state.samples_seen,
+            "nonfinite_total": self.state.nonfinite_total,
+            # unreadable samples the stream skipped (all ranks): this epoch so far, and the run's
+            "skipped_epoch": self.state.skipped_per_epoch[epoch],
+            "skipped_total": self.state.skipped_total,
+            **{k: float(v) for k, v in update.metrics.items() if k != "loss"},
+            **self._eval_row,  # knn_top1, feat_rank, eval_seconds when an evaluation ran
+        }
+        self._eval_row = {}
+        self._log(row)
+        self._watch(row)
+        if loop.progress is not None:
+            loop.progress.set_postfix(loss=f"{loop.final_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        w.restart(now)
 
     def _finish(self, final_loss: float, stopped: str) -> TrainResult:
         """The end of a run: the backbone export, the objective's own outputs, pictures, train_summary.json."""
@@ -856,7 +915,3 @@ def loss_curve_png(metrics_path: Path, out: Path) -> Path | None:
 
 def train(recipe: Recipe) -> TrainResult:
     return Trainer(recipe).fit()
-
-
-def main_process_env() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

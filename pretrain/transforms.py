@@ -24,6 +24,21 @@ def normalize_stats(in_chans: int) -> Stats:
     return (sum(IMAGENET_DEFAULT_MEAN) / 3,) * in_chans, (sum(IMAGENET_DEFAULT_STD) / 3,) * in_chans
 
 
+def resolve_stats(mean, std, in_chans: int, key: str = "mean") -> Stats:
+    """A recipe's (mean, std) for `in_chans` channels: empty -> the house default (`normalize_stats`), one value ->
+    every channel; any other count than `in_chans` is a ValueError naming `key` (e.g. "objective.mae.mean")."""
+    if mean is None or std is None or not len(mean):
+        return normalize_stats(in_chans)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == 1 and len(std) == 1:
+        mean, std = mean * in_chans, std * in_chans
+    if len(mean) != in_chans:
+        raise ValueError(f"{key} has {len(mean)} values for {in_chans} channels")
+    if len(std) != in_chans:
+        raise ValueError(f"{key.rsplit('.', 1)[0]}.std has {len(std)} values for {in_chans} channels")
+    return mean, std
+
+
 class EnsureMode:
     """Convert a PIL image to the backbone's channel count ("L" for 1 channel, "RGB" for 3)."""
 

@@ -43,7 +43,7 @@ from shards.sources import (
     resolve_classes,
 )
 from shards.stats import STATS_NAME, format_stats, measure_shards
-from shards.stream import check_pipe_allowed
+from shards.tar import check_pipe_allowed
 from shards.verify import verify
 from shards.writer import ENCODINGS, write_shard_set, write_split_shard_sets
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.record import read_image, read_label
-from shards.stream import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_tar_samples, list_shards, open_shard
 
 EXPORT_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 UNLABELLED_FOLDER = "unlabelled"

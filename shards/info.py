@@ -16,7 +16,7 @@ from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.record import image_extension
 from shards.sources import normalize_mode
-from shards.verify import iter_tar_samples
+from shards.tar import iter_tar_samples, open_shard
 
 UNLABELLED = "(unlabelled)"
 
@@ -97,23 +97,24 @@ def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int 
     modes, sizes, extensions = set(), set(), set()  # without a manifest: read from each image's header
     for name in names:
         per_shard[name] = 0
-        for key, files in iter_tar_samples(folder / name):
-            per_shard[name] += 1
-            label = _label(files, f"{name} key {key}")
-            labels[label] += 1
-            captions += "txt" in files
-            if manifest is None and (ext := image_extension(files)):
-                extensions.add(ext)
-                try:
-                    with Image.open(io.BytesIO(files[ext])) as header:  # no pixels decoded
-                        modes.add(header.mode)
-                        sizes.add((header.height, header.width))
-                except Exception:  # unreadable: verify names it; info only describes
-                    pass
-            if grid_png is not None and len(grid.setdefault(label, [])) < per_class:
-                image = _decode(files)
-                if image is not None:
-                    grid[label].append(normalize_mode(image))  # as the reader sees it (8-bit L/RGB)
+        with open_shard(str(folder / name)) as stream:
+            for key, files in iter_tar_samples(stream):
+                per_shard[name] += 1
+                label = _label(files, f"{name} key {key}")
+                labels[label] += 1
+                captions += "txt" in files
+                if manifest is None and (ext := image_extension(files)):
+                    extensions.add(ext)
+                    try:
+                        with Image.open(io.BytesIO(files[ext])) as header:  # no pixels decoded
+                            modes.add(header.mode)
+                            sizes.add((header.height, header.width))
+                    except Exception:  # unreadable: verify names it; info only describes
+                        pass
+                if grid_png is not None and len(grid.setdefault(label, [])) < per_class:
+                    image = _decode(files)
+                    if image is not None:
+                        grid[label].append(normalize_mode(image))  # as the reader sees it (8-bit L/RGB)
     total = sum(per_shard.values())
     if manifest is not None:
         classes, mode, size = manifest.classes, manifest.image_mode, manifest.image_size

@@ -1,9 +1,9 @@
 """A sample as tar files: the one list of image extensions every reader accepts, how a sample's image is found
-and decoded, and how the writers encode one (`encode_sample`, `prepare`).
+and decoded, and how the writers encode one (`encode_sample`).
 
 The stream, `verify`, `info`, the online evaluator and the retrieval layer all take the image of a sample from
 here, so a shard set one of them accepts (say `.webp` from img2dataset) is accepted by all of them. This module
-imports no torch and no webdataset: the writer's worker processes import it and start in a fraction of a second.
+imports no torch and no webdataset.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import dataclass, replace
 
 from PIL import Image
 
-from shards.resize import Resize
-from shards.sources import SOURCE_FIELD, UNREADABLE, ImageFile, RawSample, normalize_image, normalize_mode
-from shards.stats import ImageSummary, summarize
+from shards.sources import SOURCE_FIELD, RawSample, normalize_mode
 
 ENCODINGS = ("png", "jpg")
 # WebDataset keys cannot hold dots; plain short ASCII keeps every tar member a single 512-byte header
@@ -94,45 +91,3 @@ def read_label(files: dict[str, bytes]) -> int | None:
         return int(files["cls"].decode("ascii").strip()) if "cls" in files else None
     except (UnicodeDecodeError, ValueError):
         return None
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One sample ready for a tar: its record, what `normalize_image` changed, and its measurements."""
-
-    record: Record
-    change: str
-    summary: ImageSummary
-    label: int | None
-    has_caption: bool
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """A source entry whose image file could not be opened: skipped and counted, not stored."""
-
-    what: str
-    why: str
-
-
-@dataclass(frozen=True)
-class Preparer:
-    """Opens, converts (8-bit L/RGB), resizes, encodes and measures one sample. A picklable callable, so the
-    writer can run it in worker processes; the same code either way, so the bytes do not depend on where."""
-
-    classes: tuple[str, ...]
-    encoding: str = "png"
-    jpg_quality: int = 95
-    resize: Resize = Resize()
-
-    def __call__(self, sample: RawSample) -> Encoded | Unreadable:
-        image = sample.image
-        if isinstance(image, ImageFile):
-            try:
-                image = image.open()
-            except UNREADABLE as e:
-                return Unreadable(image.what, f"unreadable image ({e})")
-        image, change = normalize_image(image)
-        image = self.resize(image)
-        record = encode_sample(replace(sample, image=image), list(self.classes), self.encoding, self.jpg_quality)
-        return Encoded(record, change, summarize(image), sample.label, sample.caption is not None)

@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.record import read_image, read_label
+from shards.tar import iter_tar_samples, list_shards, open_shard
+
 STATS_NAME = "stats.json"  # beside another tool's tars, where there is no manifest of ours to hold them
 _SIZES_KEPT = 10  # the most common sizes listed; the rest are counted under "other"
 
@@ -185,8 +189,6 @@ def measure_shards(source: str, limit: int = 0) -> tuple[DatasetStats, int]:
     ceil(limit / shards) of each shard when `limit` > 0; returns the stats and how many samples had no readable
     image (skipped, counted)."""
     # imported here, not at the top: the writer's worker processes import this module and need no torch
-    from shards.record import read_image, read_label
-    from shards.stream import iter_tar_samples, list_shards, open_shard
 
     shards = list_shards(source)
     per_shard = math.ceil(limit / len(shards)) if limit else 0
@@ -207,8 +209,6 @@ def measure_shards(source: str, limit: int = 0) -> tuple[DatasetStats, int]:
 def dataset_stats(source: str) -> tuple[dict, str]:
     """The statistics of a training source and where they came from: the manifest's (written with the shards),
     a saved `stats.json` beside another tool's tars, or else a scan of up to `AUTO_SCAN_LIMIT` samples."""
-    from shards.manifest import MANIFEST_NAME, load_manifest
-
     folder = Path(source)
     if folder.is_dir() and (folder / MANIFEST_NAME).is_file():
         manifest = load_manifest(folder)

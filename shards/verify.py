@@ -20,6 +20,7 @@ from PIL import Image
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
 from shards.record import image_extension, no_image_problem
 from shards.sources import ALPHA_COMPOSITED, normalize_image
+from shards.tar import iter_tar_samples, open_shard
 
 
 @dataclass
@@ -56,34 +57,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, grouping adjacent members the WebDataset way.
-
-    The key is the member path up to the first dot of its file name; raises tarfile.TarError,
-    EOFError or OSError on a corrupt or truncated tar.
-    """
-    key, files = None, {}
-    with tarfile.open(path, "r|") as tar:  # sequential: faster than random access
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, name = member.name.rpartition("/")
-            base, dot, ext = name.partition(".")
-            if not dot:
-                continue  # no extension: not part of any sample (WebDataset skips these too)
-            member_key = f"{folder}/{base}" if folder else base
-            if key is not None and member_key != key:
-                yield key, files
-                files = {}
-            key = member_key
-            files[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        # tarfile ends quietly at a cut-off header; a whole tar has two zero blocks after its last member
-        if tar.offset + 2 * tarfile.BLOCKSIZE > path.stat().st_size:
-            raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {tar.offset}")
-    if key is not None:
-        yield key, files
-
-
 def _check_image(ext: str, data: bytes, manifest: Manifest, converted: Counter[str]) -> list[str]:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -105,7 +78,7 @@ def _check_image(ext: str, data: bytes, manifest: Manifest, converted: Counter[s
 def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, converted: Counter[str]) -> list[str]:
     """What is wrong with one sample, as short sentences; images the reader converts are counted in
     `converted` by their stored mode ("RGBA with transparency", "I;16", ...)."""
-    wrong = []
+    wrong = [files["__bad__"].decode()] if "__bad__" in files else []
     ext = image_extension(files)  # the one the stream reads
     if ext is None:
         wrong.append(no_image_problem(files))
@@ -132,6 +105,11 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, convert
         except (UnicodeDecodeError, json.JSONDecodeError):
             wrong.append("metadata .json does not parse")
     return wrong
+
+
+def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    with open_shard(str(path)) as stream:  # the reader the stream uses, so both see the same samples
+        yield from iter_tar_samples(stream)
 
 
 def _scanned_manifest(folder: Path) -> Manifest:
@@ -175,7 +153,7 @@ def verify(folder: str | Path) -> VerifyReport:
             problems.append(Problem(shard.name, "", "sha256 does not match the manifest"))
         count = 0
         try:
-            for key, files in iter_tar_samples(path):
+            for key, files in _samples(path):
                 count += 1
                 if key in seen:
                     problems.append(Problem(shard.name, key, f"duplicate key (also in {seen[key]})"))

@@ -26,7 +26,8 @@ import webdataset as wds
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
-from shards.record import ENCODINGS, Encoded, Preparer, Record, Unreadable
+from shards.prepare import Encoded, Preparer, Unreadable
+from shards.record import ENCODINGS, Record
 from shards.resize import Resize
 from shards.sources import RawSample, SampleSource
 from shards.stats import DatasetStats

@@ -10,9 +10,10 @@ import timm
 import torch
 from PIL import Image
 
-from downstream.attention import attention_maps, first_images, main
+from downstream.__main__ import main
+from downstream.attention import attention_maps, first_images
+from pretrain.attention_maps import attention_grid_png, cls_attention
 from pretrain.backbone import export_backbone
-from pretrain.monitors import attention_grid_png, cls_attention
 from pretrain.recipe import load_recipe
 from pretrain.trainer import Trainer
 
@@ -95,8 +96,8 @@ def test_attention_maps_for_an_mae_checkpoint_and_an_export(digits_shards, tmp_p
     # an exported backbone of another image size, and the command line
     exported = export_backbone(vit(img_size=24), tmp_path / "export")
     assert first_images(vit(img_size=24), digits_shards, 2).shape == (2, 1, 24, 24)
-    assert main([str(exported), "--shards", str(digits_shards), "--out", str(tmp_path / "cli.png"),
+    assert main(["attention", str(exported), str(digits_shards), "--out", str(tmp_path / "cli.png"),
                  "--images", "2", "--device", "cpu"]) == 0
     assert (tmp_path / "cli.png").read_bytes()[:8] == PNG_MAGIC
-    assert main([str(tmp_path / "nothing"), "--shards", str(digits_shards), "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["attention", str(tmp_path / "nothing"), str(digits_shards), "--out", str(tmp_path / "x.png")]) == 1
     assert not (tmp_path / "x.png").exists()

@@ -237,6 +237,7 @@ def test_trainer_steps_with_class_name_captions_lower_the_loss(digits_shards, tm
         torch.testing.assert_close(oc.encode_image(x), objective.encode_image(x))
 
 
+@pytest.mark.multiprocess
 def test_two_gloo_processes_gather_the_global_batch_and_stay_in_sync(digits_shards, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -403,7 +404,7 @@ def test_fmnist_recipe_fits_its_captions_and_builds():
 def test_text_query_on_an_index_in_clip_space(toy_clip_run, tmp_path, no_network):
     """Index the toy squares in the CLIP run's joint space; a text query finds the squares it describes."""
     from downstream.retrieval import RetrievalError
-    from downstream.shard_index import build_index, query_index
+    from downstream.search import build_index, query_index
 
     run, val, _ = toy_clip_run
     build_index(run, str(val), tmp_path / "index", space="clip")

@@ -137,6 +137,7 @@ def test_centre_update_formula():
     torch.testing.assert_close(loss_fn.center, 0.9 * c0 + 0.1 * teacher.mean(0, keepdim=True))
 
 
+@pytest.mark.multiprocess
 def test_centre_is_averaged_across_two_real_processes(tmp_path):
     p = torchrun_two_cpu(ROOT / "tests" / "dino_two_rank.py", str(tmp_path), *TINY, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -400,6 +401,7 @@ def test_recipes_load_and_the_paper_recipe_has_the_papers_values():
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_cpu_processes_train_dino_in_sync(digits_shards, tmp_path):
     """torchrun, 2 processes, gloo, the real trainer: student *and teacher* stay identical on both ranks."""
     out = tmp_path / "run"

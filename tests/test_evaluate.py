@@ -35,7 +35,7 @@ from pretrain.recipe import AlarmConfig, EvalConfig, RecipeError, load_recipe
 from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
 from shards.sources import digits_source
-from shards.stream import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_tar_samples, list_shards, open_shard
 from shards.writer import write_shard_set
 
 # ------------------------------------------------------------------------------------------------ k-NN
@@ -184,6 +184,7 @@ def test_a_resumed_run_evaluates_as_the_uninterrupted_one(digits_shards, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_embed_their_slices_and_score_what_one_process_would(digits_shards, tmp_path):
     """torchrun, 2 CPU processes: each embeds its padded slice of query and bank, the gather drops the pads, and the
     top-1 logged equals the offline k-NN of the same checkpoint (103 query / 309 bank samples: odd, so a pad)."""

@@ -256,6 +256,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multiprocess
 def test_two_process_gloo_run_embeds_every_sample_once_in_order(digits_shards, tmp_path):
     model = tiny_backbone()
     export_backbone(model, tmp_path / "export")

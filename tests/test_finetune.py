@@ -202,7 +202,7 @@ def test_centre_head_scores_scaled_cosine_to_ema_centres_and_metric_losses_add()
     """The centre head: the first training batch of a class sets its centre to the class mean of the normalised
     pooled features, logits are cosine_scale x cos; an unseen class scores -scale; the loss is the label-smoothed
     cross-entropy of those logits plus weight x the metric loss (centre: 1 - cos to the centre)."""
-    from downstream.heads import ClassCentreHead, TripletLoss
+    from pretrain.heads import ClassCentreHead, TripletLoss
 
     torch.manual_seed(0)
     cfg = SupervisedConfig(head="centre", cosine_scale=10.0, centre_momentum=0.5, metric_loss="centre",
@@ -230,7 +230,7 @@ def test_centre_head_scores_scaled_cosine_to_ema_centres_and_metric_losses_add()
     obj.eval()
     obj({"image": images, "label": labels})
     torch.testing.assert_close(obj.head.centres, before)
-    # The triplet term is downstream.heads.TripletLoss on the same pooled features; its own centres are separate.
+    # The triplet term is pretrain.heads.TripletLoss on the same pooled features; its own centres are separate.
     obj = Supervised(create_backbone(tiny_model()), SupervisedConfig(head="linear", metric_loss="triplet",
                                                                      triplet_margin=0.3), num_classes=4).eval()
     _, metrics = obj.train()({"image": images, "label": labels})
@@ -362,6 +362,7 @@ Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps(result.to_dict
 '''
 
 
+@pytest.mark.multiprocess
 def test_finetune_on_two_processes_agrees_with_one(digits_shards, small_val, tmp_path):
     """torchrun, 2 CPU processes (gloo): DDP fine-tuning runs; both ranks report the same result over all 200 val
     samples, equal to a one-process evaluation of the same checkpoint."""

@@ -24,7 +24,7 @@ from PIL import Image
 
 from downstream.features import embed_batch, extract_features
 from downstream.probe import probe_checkpoint
-from downstream.shard_index import build_index, index_summary, query_index
+from downstream.search import build_index, index_summary, query_index
 from pretrain.backbone import data_stats
 from pretrain.recipe import load_recipe
 from pretrain.restore import load_backbone_from

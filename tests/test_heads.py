@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from downstream.heads import (
+from pretrain.heads import (
     ClassCentreHead,
     CosineClassifier,
     TripletLoss,

@@ -22,7 +22,7 @@ import torch
 from downstream.__main__ import main
 from downstream.features import extract_features
 from downstream.retrieval import INFO_NAME, META_NAME, RetrievalError, RetrievalIndex
-from downstream.shard_index import build_index, evaluate_index, index_summary, query_index
+from downstream.search import build_index, evaluate_index, index_summary, query_index
 from pretrain.backbone import create_backbone, export_backbone
 from pretrain.recipe import ModelConfig
 from pretrain.restore import load_backbone_from

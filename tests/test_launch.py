@@ -57,6 +57,9 @@ def test_launch_config_parses_with_the_fields_accelerate_needs(path):
         assert cfg.main_process_ip and cfg.main_process_port, "a multi-node config needs the rendezvous address"
 
 
+# ~20 s; two CPU processes training in sync stay in make test (test_trainer, torchrun)
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_accelerate_launch_cpu_2proc_config_starts_two_processes(digits_shards, tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
@@ -77,6 +80,7 @@ def test_accelerate_launch_cpu_2proc_config_starts_two_processes(digits_shards, 
 
 
 @pytest.mark.slow  # ~12 s; test_trainer's refusal of the --cpu --num_processes trap stays in make test
+@pytest.mark.multiprocess
 def test_a_multi_cpu_config_file_that_starts_one_process_is_refused(digits_shards, tmp_path):
     """accelerate 1.15 runs `distributed_type: MULTI_CPU, num_processes: 2` (no MPI hostfile) as ONE process."""
     config = tmp_path / "multi_cpu.yaml"
@@ -98,6 +102,7 @@ def test_a_multi_cpu_config_file_that_starts_one_process_is_refused(digits_shard
 
 @pytest.mark.slow  # ~30 s; make test covers both halves: test_lifeline (2 ranks SIGTERM themselves and checkpoint
 # when their launcher dies) and test_resume_recipes (a relaunch resumes exactly)
+@pytest.mark.multiprocess
 def test_sigterm_to_both_processes_checkpoints_and_relaunch_resumes(digits_shards, tmp_path):
     """A preempted 2-process run (SIGTERM to every rank, as SLURM does) writes a final checkpoint at the step it
     stopped at and exits cleanly; the same command then resumes from that checkpoint."""

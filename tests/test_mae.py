@@ -17,7 +17,6 @@ from pretrain.backbone import create_backbone
 from pretrain.objectives import build_objective, known_objectives
 from pretrain.objectives.mae import (
     MAE,
-    default_mean_std,
     masked_mse_loss,
     num_kept,
     patchify,
@@ -27,6 +26,7 @@ from pretrain.objectives.mae import (
     unshuffle,
 )
 from pretrain.recipe import MAEConfig, ModelConfig, RecipeError, load_recipe
+from pretrain.transforms import normalize_stats
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "model.pos_embed=sincos"]
 TINY_DEC = ["objective.mae.decoder_embed_dim=32", "objective.mae.decoder_depth=1", "objective.mae.decoder_num_heads=2"]
@@ -245,7 +245,7 @@ def test_bad_batches_are_clear_errors():
 
 
 def test_train_transform_normalises_and_converts_channels():
-    mean, std = default_mean_std(1)
+    mean, std = normalize_stats(1)
     gray = make_mae().train_transform()
     out = gray(Image.new("L", (28, 28), 128))
     assert out.shape == (1, 28, 28) and out.dtype == torch.float32
@@ -254,7 +254,7 @@ def test_train_transform_normalises_and_converts_channels():
     assert red.shape == (1, 28, 28)
     torch.testing.assert_close(red, torch.full((1, 28, 28), (76 / 255 - mean[0]) / std[0]))
     rgb = make_mae(img=16, chans=3).train_transform()(Image.new("L", (8, 8), 200))
-    mean3, std3 = default_mean_std(3)
+    mean3, std3 = normalize_stats(3)
     assert rgb.shape == (3, 16, 16)
     for c in range(3):
         torch.testing.assert_close(rgb[c], torch.full((16, 16), (200 / 255 - mean3[c]) / std3[c]))

@@ -20,7 +20,7 @@ from shards.colourise import colourise_image
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.resize import Resize
 from shards.sources import DIGIT_NAMES, TableColumns, caption_table_source, digits_source, image_folder_source
-from shards.stream import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_tar_samples, list_shards, open_shard
 from shards.writer import write_shard_set, write_split_shard_sets
 
 ROOT = Path(__file__).resolve().parents[1]

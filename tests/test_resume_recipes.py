@@ -127,6 +127,7 @@ CASES = [(p, ()) for p in RECIPES] + [(ROOT / "recipes" / "dino_vit_tiny_fmnist.
 
 
 @pytest.mark.parametrize("recipe,extra", CASES, ids=[p.stem + "".join(f"[{e}]" for e in x) for p, x in CASES])
+@pytest.mark.multiprocess
 def test_recipe_resumes_exactly_after_sigkill(recipe, extra, small_digits, tmp_path, forkserver):
     seed = random.randrange(10**6)
     kill_at = random.Random(seed).randint(2, MAX_STEPS - 5)

@@ -17,7 +17,8 @@ from pretrain.checkpoint import latest_checkpoint
 from pretrain.launch import LaunchError
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer
-from shards.stream import ShardStream, StreamError
+from shards.stream import ShardStream
+from shards.tar import StreamError
 
 SHARDS = "shard-{000000..000003}.tar"
 

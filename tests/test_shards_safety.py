@@ -18,10 +18,10 @@ from shards.__main__ import main
 from shards.info import info
 from shards.manifest import MANIFEST_NAME, Manifest, ManifestEntryError, ShardInfo, load_manifest, sha256_file
 from shards.sources import ALPHA_COMPOSITED, HIGH_BIT_DEPTH_SCALED, normalize_image
-from shards.stream import (
+from shards.stream import ShardStream
+from shards.tar import (
     ALLOW_PIPE_ENV,
     PipeSourceError,
-    ShardStream,
     check_pipe_allowed,
     count_tar_samples,
     list_shards,

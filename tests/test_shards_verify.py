@@ -15,7 +15,8 @@ from sklearn.datasets import load_digits
 from shards.__main__ import main
 from shards.info import info
 from shards.manifest import MANIFEST_NAME, load_manifest, sha256_file
-from shards.verify import iter_tar_samples, verify
+from shards.tar import iter_tar_samples
+from shards.verify import verify
 
 
 def rewrite_shard(folder: Path, index: int, change: Callable[[str, dict[str, bytes]], None]) -> None:
@@ -24,7 +25,8 @@ def rewrite_shard(folder: Path, index: int, change: Callable[[str, dict[str, byt
     manifest = load_manifest(folder)
     shard = manifest.shards[index]
     path = folder / shard.name
-    samples = list(iter_tar_samples(path))
+    with open(path, "rb") as f:
+        samples = list(iter_tar_samples(f))
     with wds.TarWriter(str(path), encoder=False) as tar:
         for key, files in samples:
             change(key, files)

@@ -17,16 +17,8 @@ from torchvision.transforms import v2
 from webdataset.tariterators import base_plus_ext
 
 from shards.manifest import Manifest, ShardInfo, sha256_file
-from shards.stream import (
-    ShardStream,
-    StreamError,
-    StreamWarning,
-    iter_tar_members,
-    list_shards,
-    split_key,
-    to_float_tensor,
-    worker_batch_sizes,
-)
+from shards.stream import ShardStream, to_float_tensor, worker_batch_sizes
+from shards.tar import StreamError, StreamWarning, iter_tar_members, list_shards, split_key
 
 UNEQUAL = [7, 3, 11, 1, 5]  # 27 samples: not divisible by 2 ranks, nor by 2 x 2 workers
 

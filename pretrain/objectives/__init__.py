@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -21,15 +23,12 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    # Import for the side effect of registration; kept lazy so `import pretrain` stays light.
-    import importlib
-
-    for mod in ("mae", "dino", "clip", "supervised"):
-        try:
-            importlib.import_module(f"pretrain.objectives.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"pretrain.objectives.{mod}":
-                raise
+    """Import every module of this package for the side effect of registration: a new objective is a new file
+    (its builder under @register, its config a section of the recipe's ObjectiveConfig). Lazy, so that
+    `import pretrain` stays light."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def build_objective(recipe: Recipe) -> Objective:

@@ -42,8 +42,9 @@ from pretrain.backbone import create_backbone
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import CLIPConfig, RecipeError
-from pretrain.transforms import crop_transform, normalize_stats
+from pretrain.transforms import crop_transform, resolve_stats
 from shards.atomic import atomic_path
+from shards.tar import manifest_for
 
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
@@ -90,12 +91,9 @@ def class_captions(class_names: Sequence[str], templates: Sequence[str]) -> list
 def resolve_caption_source(recipe: Recipe) -> tuple[str, list[str]]:
     """(mode, class names) for a training recipe: `auto` picks .txt captions when the train manifest says every
     sample has one, else class names; class names come from `objective.clip.class_names` or the manifest."""
-    from shards.manifest import MANIFEST_NAME, load_manifest
-
     cfg = recipe.objective.clip
     mode, names = cfg.captions, list(cfg.class_names)
-    train = Path(recipe.data.train) if recipe.data.train else None
-    manifest = load_manifest(train) if train and (train / MANIFEST_NAME).is_file() else None
+    manifest = manifest_for(recipe.data.train) if recipe.data.train else None
     if mode == "auto" and manifest is not None:
         mode = "captions" if manifest.has_captions else "classes"
     if not names and manifest is not None:
@@ -146,12 +144,7 @@ class CLIP(Objective):
         self.in_chans: int = backbone.in_chans
         self.img_size: tuple[int, int] = tuple(backbone.patch_embed.img_size)
 
-        mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean else normalize_stats(self.in_chans)
-        if len(mean) == 1:
-            mean, std = mean * self.in_chans, std * self.in_chans
-        if len(mean) != self.in_chans:
-            raise ValueError(f"objective.clip.mean has {len(mean)} values for {self.in_chans} channels")
-        self.mean, self.std = mean, std
+        self.mean, self.std = resolve_stats(cfg.mean, cfg.std, self.in_chans, "objective.clip.mean")
 
         tokenizer = get_tokenizer(cfg.text_context_length)
         if cfg.text_vocab_size < tokenizer.vocab_size:

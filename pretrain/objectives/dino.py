@@ -33,14 +33,17 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from pretrain.attention_maps import attention_grid_png
 from pretrain.augment import BatchedMultiCrop, sample_seeds
 from pretrain.backbone import create_backbone
-from pretrain.monitors import CollapseMonitor, attention_grid_png
+from pretrain.monitors import CollapseMonitor
+from pretrain.monitors import entropy as mean_entropy
 from pretrain.multicrop import MultiCropTransform, decode_transform
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import DINOConfig
-from pretrain.transforms import normalize_stats
+from pretrain.schedule import cosine_value
+from pretrain.transforms import resolve_stats
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -53,10 +56,7 @@ N_GLOBAL = 2  # DINO's two global crops; the teacher sees these only
 
 def teacher_momentum_at(step: int, total_steps: int, base: float) -> float:
     """Cosine from `base` (step 0) to 1 (step `total_steps`), DINO's `momentum_schedule[step]`."""
-    if total_steps <= 0:
-        return 1.0
-    t = min(max(step / total_steps, 0.0), 1.0)
-    return 1.0 - 0.5 * (1.0 - base) * (1.0 + math.cos(math.pi * t))
+    return cosine_value(base, 1.0, step, total_steps)
 
 
 def teacher_temp_at(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
@@ -133,19 +133,14 @@ class DINOLoss(nn.Module):
         n_views = student_out.shape[0] // batch
         if n_views < 2:
             raise ValueError("DINO needs at least two views: no (teacher view, other student view) pair exists")
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_views)
-        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(n_global)
-        total, terms, entropy = student_out.new_zeros((), dtype=torch.float32), 0, 0.0
-        for iq, q in enumerate(teacher_p):
-            entropy += float(torch.special.entr(q).sum(dim=-1).mean())
-            for v in range(n_views):
-                if v == iq:
-                    continue  # never a view with itself
-                total = total + torch.sum(-q * student_logp[v], dim=-1).mean()
-                terms += 1
-        loss = total / terms
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).view(n_views, batch, -1)
+        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
+        # Cross-entropy of every (teacher view g, student view v) pair, averaged over the batch: (G, V).
+        pair_ce = -torch.einsum("gbk,vbk->gv", teacher_p.view(n_global, batch, -1), student_logp) / batch
+        others = ~torch.eye(n_global, n_views, dtype=torch.bool, device=pair_ce.device)  # never a view with itself
+        loss = pair_ce[others].mean()
         self.update_center(teacher_out)
-        entropy /= n_global
+        entropy = float(mean_entropy(teacher_p))  # every view has the same batch: the mean of the per-view means
         # Each teacher view enters the same number of pairs, so the mean KL is the mean CE minus the mean entropy.
         return loss, {"teacher_entropy": entropy, "st_kl": float(loss.detach()) - entropy}
 
@@ -206,12 +201,7 @@ class DINO(Objective):
             if size % self.patch_size:
                 raise ValueError(f"objective.dino.{what}={size} is not a multiple of the patch size {self.patch_size}")
 
-        mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean else normalize_stats(self.in_chans)
-        if len(mean) == 1:
-            mean, std = mean * self.in_chans, std * self.in_chans
-        if len(mean) != self.in_chans:
-            raise ValueError(f"objective.dino.mean has {len(mean)} values for {self.in_chans} channels")
-        self.mean, self.std = mean, std
+        self.mean, self.std = resolve_stats(cfg.mean, cfg.std, self.in_chans, "objective.dino.mean")
 
         def head() -> DINOHead:
             return DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,

@@ -24,7 +24,7 @@ from pretrain.backbone import create_backbone, forward_masked, forward_visible, 
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import MAEConfig
-from pretrain.transforms import crop_transform, normalize_stats
+from pretrain.transforms import crop_transform, resolve_stats
 from shards.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -110,11 +110,6 @@ def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (per_patch * mask).sum() / mask.sum()
 
 
-def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The house default (`pretrain.transforms.normalize_stats`)."""
-    return normalize_stats(in_chans)
-
-
 def _init_decoder_weights(m: nn.Module) -> None:
     # MAE's init: xavier-uniform linears with zero bias, unit LayerNorms.
     if isinstance(m, nn.Linear):
@@ -148,12 +143,7 @@ class MAE(Objective):
         if num_kept(self.num_patches, cfg.mask_ratio) < 1:
             raise ValueError(f"mask_ratio={cfg.mask_ratio} keeps no patch of {self.num_patches}")
 
-        mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean else default_mean_std(self.in_chans)
-        if len(mean) == 1:
-            mean, std = mean * self.in_chans, std * self.in_chans
-        if len(mean) != self.in_chans:
-            raise ValueError(f"objective.mae.mean has {len(mean)} values for {self.in_chans} channels")
-        self.mean, self.std = mean, std
+        self.mean, self.std = resolve_stats(cfg.mean, cfg.std, self.in_chans, "objective.mae.mean")
 
         d, dd = backbone.embed_dim, cfg.decoder_embed_dim
         if cfg.mask_tokens_in_encoder:

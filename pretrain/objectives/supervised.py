@@ -2,7 +2,7 @@
 
 The recipe of MAE / BEiT / DeiT fine-tuning, from timm's parts:
   * a head on the CLS token or the mean of the patch tokens: linear (MAE's init, std 2e-5) or cosine
-    (`downstream.heads.CosineClassifier`);
+    (`pretrain.heads.CosineClassifier`);
   * cross-entropy with label smoothing; Mixup/CutMix (`timm.data.Mixup`) applied to the batch inside
     `forward`, with `SoftTargetCrossEntropy` on the mixed soft targets;
   * drop path (`model.drop_path_rate`) and layer-wise lr decay: `group_matcher` maps the backbone's
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,10 +29,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pretrain.backbone import create_backbone, data_stats
+from pretrain.heads import ClassCentreHead, CosineClassifier, TripletLoss
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.recipe import SupervisedConfig
-from pretrain.transforms import crop_transform, normalize_stats
+from pretrain.transforms import crop_transform, resolve_stats
+from shards.tar import manifest_for
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -131,19 +132,9 @@ class Supervised(Objective):
         self.num_classes = num_classes
         self.in_chans: int = backbone.patch_embed.proj.in_channels
         self.img_size: tuple[int, int] = tuple(backbone.patch_embed.img_size)
-        if mean is None or std is None:
-            mean, std = normalize_stats(self.in_chans)
-        mean, std = tuple(mean), tuple(std)
-        if len(mean) == 1:
-            mean, std = mean * self.in_chans, std * self.in_chans
-        if len(mean) != self.in_chans or len(std) != self.in_chans:
-            raise ValueError(f"mean/std {mean}/{std} do not have {self.in_chans} values")
-        self.mean, self.std = mean, std
+        self.mean, self.std = resolve_stats(mean, std, self.in_chans, "objective.supervised.mean")
 
         dim = backbone.embed_dim
-        # downstream owns the heads and metric losses; imported only when asked for, so pretrain stays free of it
-        if cfg.head in ("cosine", "centre") or cfg.metric_loss != "none":
-            from downstream.heads import ClassCentreHead, CosineClassifier, TripletLoss
         if cfg.head == "cosine":
             self.head: nn.Module = CosineClassifier(dim, num_classes, cfg.cosine_scale, cfg.learn_scale)
         elif cfg.head == "centre":
@@ -271,13 +262,9 @@ class Supervised(Objective):
 
 
 def manifest_classes(source: str) -> list[str] | None:
-    """The class names a shard-set folder's manifest lists; None when there is no manifest to read."""
-    from shards.manifest import MANIFEST_NAME, load_manifest
-
-    p = Path(source)
-    if not (p.is_dir() and (p / MANIFEST_NAME).is_file()):
-        return None
-    return list(load_manifest(p).classes)
+    """The class names a shard source's manifest lists; None when it has no manifest to read."""
+    manifest = manifest_for(source)
+    return None if manifest is None else list(manifest.classes)
 
 
 def resolve_num_classes(cfg: SupervisedConfig, train: str) -> int:

@@ -1,4 +1,4 @@
-"""Shards + checkpoint -> retrieval index, and queries against it: the glue behind `python -m downstream index|query`.
+"""Search: shards + checkpoint -> retrieval index, and queries against it (`python -m downstream index|query`).
 
 `downstream.retrieval` knows vectors and metadata rows; this module knows where they come from: it embeds a
 shard set with a backbone (`downstream.features`, cached), reads each sample's key, shard, label, caption,
@@ -30,10 +30,10 @@ from downstream.retrieval import RetrievalError, RetrievalIndex, evaluate_releva
 from pretrain.backbone import data_stats, fingerprint
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
-from shards.manifest import MANIFEST_NAME, load_manifest
+from shards.manifest import MANIFEST_NAME
 from shards.record import image_extension
 from shards.sources import image_files, image_suffixes, sample_source
-from shards.stream import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_tar_samples, list_shards, manifest_class_names, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,6 @@ class QueryResult:
         return "\n".join(query_block(r) for r in self.records())
 
 
-def _class_names(source: str) -> list[str]:
-    """Class names from the manifest of the source's folder (or of its first shard's folder)."""
-    p = Path(source)
-    if not p.is_dir():
-        shards = list_shards(source)
-        p = Path(shards[0][0]).parent if shards else p
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
-        return list(load_manifest(p).classes)
-    return []
-
-
 def _thumbnail(files: dict[str, bytes]) -> bytes | None:
     ext = image_extension(files)
     if ext is None:
@@ -121,7 +110,7 @@ def _sample_meta(files: dict[str, bytes]) -> dict | None:
 def metadata_rows(source: str, keys: Sequence[str], *, thumbnails: bool = True) -> list[dict]:
     """One row per key (in the order given): shard, label, label name, caption, source name, the sample's .json
     (`meta`) and thumbnail, read from the tars."""
-    classes = _class_names(source)
+    classes = manifest_class_names(source)
     wanted = set(keys)
     found: dict[str, dict] = {}
     for url, _count in list_shards(source):

@@ -12,11 +12,11 @@ import torch
 from downstream.__main__ import main
 from downstream.features import extract_features
 from downstream.retrieval import RetrievalError, RetrievalIndex
-from downstream.shard_index import add_to_index, build_index, evaluate_index, index_summary, query_index
+from downstream.search import add_to_index, build_index, evaluate_index, index_summary, query_index
 from pretrain.backbone import create_backbone, export_backbone
 from pretrain.recipe import ModelConfig
 from pretrain.restore import load_backbone_from
-from shards.stream import iter_tar_samples, open_shard
+from shards.tar import iter_tar_samples, open_shard
 
 TINY = ModelConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
