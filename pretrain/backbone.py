@@ -149,10 +149,12 @@ def forward_visible(
     x = model._pos_embed(model.patch_embed(images))  # (B, P + N, D): pos embed added, prefix tokens prepended
     if ids_keep is not None:
         p = model.num_prefix_tokens
-        n = x.shape[1] - p
         if ids_keep.dim() != 2 or ids_keep.shape[0] != x.shape[0]:
             raise ValueError(f"ids_keep must be (B={x.shape[0]}, K), got {tuple(ids_keep.shape)}")
-        if ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= n):
+        n = x.shape[1] - p
+        # Checked on the CPU only: reading ids_keep back from a GPU would stall it every step (and CUDA's gather
+        # asserts on an index out of range anyway).
+        if ids_keep.device.type == "cpu" and ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= n):
             raise ValueError(f"ids_keep must index the {n} patches, got values outside [0, {n})")
         patches = torch.gather(x[:, p:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :p], patches], dim=1)

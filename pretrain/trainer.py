@@ -182,24 +182,31 @@ class _StopSignal:
 class _Window:
     """What the next metrics row averages: the loss of the micro-batches since the previous row, and the rate."""
 
-    loss: float = 0.0
-    n: int = 0
+    loss: Any = 0.0  # a sum of loss tensors (finite ones only), read once per row
+    n: Any = 0  # how many were added (a tensor too once one was)
     t0: float = 0.0
     samples: int = 0
+    micro: int = 0  # micro-batches since the row (a plain count: is there anything to average?)
 
-    def add_loss(self, value: float) -> None:
-        self.loss += value
-        self.n += 1
+    def add_loss(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.loss = self.loss + torch.where(finite, loss.float(), 0.0)
+        self.n = self.n + finite.int()
+        self.micro += 1
+
+    def mean(self) -> float:
+        """The mean finite loss of the window (one host read); NaN when none was finite."""
+        n = int(self.n)
+        return float(self.loss) / n if n else float("nan")
 
     def restart(self, now: float) -> None:
-        self.loss, self.n, self.t0, self.samples = 0.0, 0, now, 0
+        self.loss, self.n, self.t0, self.samples, self.micro = 0.0, 0, now, 0, 0
 
 
 @dataclass
 class _Update:
     """One optimizer update in the making, over its accumulated micro-batches."""
 
-    bad: bool = False  # a non-finite loss on some rank: the update is skipped
+    finite: Any = None  # a device flag: every micro-batch's loss was finite (read once, at the update)
     samples: int = 0
     skipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -409,10 +416,10 @@ class Trainer:
     def _rank_sums(self, *values: float | bool) -> list[float]:
         """Each value summed over the ranks (a flag: > 0 when it is True on any rank), in one all-reduce: the
         decisions every rank must share and the counts every rank must agree on."""
+        if self.accelerator.num_processes == 1:  # nothing to share: no device round trip
+            return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
-        return t.tolist()
+        return self.accelerator.reduce(t, reduction="sum").tolist()
 
     def _any_rank(self, *flags: bool) -> list[bool]:
         """Each flag True when it is True on any rank (skip/stop decisions every rank must share)."""
@@ -636,6 +643,8 @@ class Trainer:
                 self._run_epoch(loop, stop)
         if loop.progress is not None:
             loop.progress.close()
+        if loop.window.micro and int(loop.window.n):  # updates after the last row: the final loss is theirs
+            loop.final_loss = loop.window.mean()
         if self.last_checkpoint is None or not _same_point(read_trainer_state(self.last_checkpoint)[0], self.state):
             self._save()
         return self._finish(loop.final_loss, loop.stopped)
@@ -679,31 +688,32 @@ class Trainer:
                 self.state.batches_done = 0
 
     def _micro_step(self, batch: dict, update: _Update, window: _Window, *, sync: bool) -> None:
-        """Forward and backward of one micro-batch; a non-finite loss on any rank marks the whole update bad (its
-        gradients are then never applied). `sync`: the last micro-batch of an update, whose backward all-reduces."""
+        """Forward and backward of one micro-batch, without reading anything back from the device: whether the
+        loss was finite is kept as a device flag and decided once per update (`_optimizer_update`), where a
+        non-finite loss on any rank drops the update's gradients. `sync`: the last micro-batch of an update, whose
+        backward all-reduces."""
         acc, o = self.accelerator, self.recipe.optim
         with acc.autocast():
             loss, update.metrics = self.model(batch)
-        (bad,) = self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
-        if bad:
-            update.bad = True
-        elif not update.bad:
-            if sync:
+        finite = torch.isfinite(loss.detach()).all()
+        update.finite = finite if update.finite is None else update.finite & finite
+        if sync:
+            acc.backward(loss / o.accum_steps)
+        else:
+            with acc.no_sync(self.model):
                 acc.backward(loss / o.accum_steps)
-            else:
-                with acc.no_sync(self.model):
-                    acc.backward(loss / o.accum_steps)
-            window.add_loss(float(loss.detach()))
+        window.add_loss(loss.detach(), finite)
         # Samples trained: pads (duplicates standing in for unreadable samples) are not counted.
-        update.samples += int((~batch["pad"]).sum()) if "pad" in batch else len(batch["index"])
+        update.samples += batch["real"] if "real" in batch else len(batch["index"])
         update.skipped += int(batch.get("skipped", 0))
 
-    def _optimizer_update(self, update: _Update, loop: _Loop, epoch: int) -> tuple[float, float]:
-        """One optimizer update, or a skipped one after a non-finite loss; returns (lr, grad norm or NaN)."""
+    def _optimizer_update(self, update: _Update, loop: _Loop, epoch: int) -> tuple[float, Any]:
+        """One optimizer update, or a skipped one after a non-finite loss; returns (lr, grad norm tensor or None)."""
         acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
         lr = self._set_step_schedules(self.state.step)
-        grad_norm = float("nan")
-        if update.bad:
+        grad_norm = None
+        (bad,) = self._any_rank(not bool(update.finite))  # the update's one host read of the step's results
+        if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_total += 1
             loop.bad_in_a_row += 1
@@ -716,7 +726,7 @@ class Trainer:
         else:
             loop.bad_in_a_row = 0
             if o.clip_grad > 0:
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), o.clip_grad))
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), o.clip_grad)  # read at the log row
             self._unwrapped().before_optimizer_step(self.state.step, self.total_steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -728,7 +738,7 @@ class Trainer:
         return lr, grad_norm
 
     def _after_update(self, loop: _Loop, stop: _StopSignal, update: _Update, epoch: int, lr: float,
-                      grad_norm: float) -> bool:
+                      grad_norm: Any) -> bool:
         """What follows an update: shared decisions, the online k-NN, the log row, the schedule fit, the epoch's
         end, checkpoints and stopping. True when the epoch loop should end (epoch over, or the run stops)."""
         r, o = self.recipe.run, self.recipe.optim
@@ -771,16 +781,17 @@ class Trainer:
         loop.stopped = "signal" if signalled else "max_minutes" if time_up else "collapse" if collapse else ""
         return bool(loop.stopped) or self.state.step >= self.total_steps or self.state.batches_done == 0
 
-    def _log_update(self, loop: _Loop, update: _Update, epoch: int, lr: float, grad_norm: float, now: float, *,
+    def _log_update(self, loop: _Loop, update: _Update, epoch: int, lr: float, grad_norm: Any, now: float, *,
                     force: bool) -> None:
         """Every run.log_every updates (and at the last one, or after an evaluation): one metrics row averaging the
         window since the previous row."""
         r, w = self.recipe.run, loop.window
-        if not w.n:
+        if not w.micro or not (force or self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
             return
-        loop.final_loss = w.loss / w.n
-        if not (force or self.state.step % r.log_every == 0 or self.state.step == self.total_steps):
+        if not int(w.n):  # only non-finite losses since the last row: nothing to average yet
             return
+        loop.final_loss = w.mean()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         rate = w.samples / max(now - w.t0, 1e-9)
         row = {
             "step": self.state.step,

@@ -531,4 +531,6 @@ class ShardStream(IterableDataset):
 def _collate(samples: list[dict[str, Any]], tally: _Tally) -> dict[str, Any]:
     batch = default_collate(samples)
     batch["skipped"] = tally.take_new()
+    # Samples that are not pads, as a plain int: the trainer counts them without reading a device tensor.
+    batch["real"] = sum(1 for s in samples if not s.get("pad", False))
     return batch

@@ -42,6 +42,8 @@ WRITE_WORKERS = {"images_per_s": float, "runs_images_per_s": list, "best_s": flo
 E2E_MODE = {"images_per_s": float, "runs": list, "ratio_to_step": float}
 GPU_CHECK_PART = {"status": str, "seconds": float, "budget_s": NUM}  # run_part's own keys, beside the part's
 
+STEP_SYNCS = {"updates": int, "per_update": NUM, "per_logged_update": NUM, "total_reads": int,
+              "update_ms_median": float, "sites": dict}
 EXPECTED: dict[str, dict] = {
     "augment.py": {
         "bench": str, "quick": bool, "data": str, "batch": int, "rounds": int, "device": str, "threads": int,
@@ -116,6 +118,10 @@ EXPECTED: dict[str, dict] = {
         "workers": {"1": WRITE_WORKERS, "2": WRITE_WORKERS}, "ratio_workers2_over_workers1": float,
         "identical_shards": bool, "shards": int, "device_type": str, "cpu_count": int, "omp_num_threads": (str, None),
         "load_average_start": list, "load_average_end": list, "python": str, "pillow": str, "total_s": float,
+    },
+    "step_syncs.py": {
+        "benchmark": str, "quick": bool, "steps": int, "device_type": str, "threads": int, "total_s": float,
+        "objectives": {name: STEP_SYNCS for name in ("mae", "dino")},  # --quick runs these two
     },
     "train_e2e.py": {
         "bench": str, "quick": bool, "data": str, "steps": int, "repeats": int, "threads": int,

@@ -181,7 +181,7 @@ class CLIP(Objective):
         image = self.encode_image(images)
         scale = self.logit_scale.exp()
         loss = self.clip_loss()(F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1), scale.float())
-        return loss, {"loss": float(loss.detach()), "logit_scale": float(scale.detach())}
+        return loss, {"loss": loss.detach(), "logit_scale": scale.detach()}  # tensors: read at log rows only
 
     def on_epoch_start(self, epoch: int, steps_per_epoch: int) -> None:
         self.epoch = epoch
@@ -190,7 +190,7 @@ class CLIP(Objective):
         # As open_clip's train loop: clamp after the update, so exp(logit_scale) <= max_logit_scale (100).
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
-        return {"logit_scale": float(self.logit_scale.detach().exp())}
+        return {"logit_scale": self.logit_scale.detach().exp()}
 
     def no_weight_decay(self) -> set[str]:
         # logit_scale and every 1-d parameter are exempt anyway (timm's optimizer factory); as open_clip's
@@ -252,8 +252,9 @@ class CLIP(Objective):
             if missing:
                 raise ValueError(f"CLIP with captions='captions' got samples without a caption: {missing[:5]}")
             return given
-        labels = batch.get("label")
-        index = batch.get("index")
+        # one host read each (a read per sample would stall a GPU n times)
+        labels = batch["label"].tolist() if batch.get("label") is not None else None
+        index = batch["index"].tolist() if batch.get("index") is not None else None
         out = []
         for i in range(n):
             if self.captions_mode == "auto" and given[i]:

@@ -125,7 +125,7 @@ class DINOLoss(nn.Module):
 
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float, n_global: int = N_GLOBAL
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if teacher_out.shape[0] % n_global or student_out.shape[0] % (teacher_out.shape[0] // n_global):
             raise ValueError(f"teacher ({teacher_out.shape[0]} rows) and student ({student_out.shape[0]} rows) "
                              f"outputs are not whole views of one batch with {n_global} global views")
@@ -140,9 +140,10 @@ class DINOLoss(nn.Module):
         others = ~torch.eye(n_global, n_views, dtype=torch.bool, device=pair_ce.device)  # never a view with itself
         loss = pair_ce[others].mean()
         self.update_center(teacher_out)
-        entropy = float(mean_entropy(teacher_p))  # every view has the same batch: the mean of the per-view means
+        entropy = mean_entropy(teacher_p)  # every view has the same batch: the mean of the per-view means
         # Each teacher view enters the same number of pairs, so the mean KL is the mean CE minus the mean entropy.
-        return loss, {"teacher_entropy": entropy, "st_kl": float(loss.detach()) - entropy}
+        # Tensors, not floats: the trainer reads them once per log row, not once per step (a host read stalls a GPU).
+        return loss, {"teacher_entropy": entropy, "st_kl": loss.detach() - entropy}
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -153,9 +154,10 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         batch_center = batch_sum / count
-        if not torch.isfinite(batch_center).all():
-            return  # a non-finite step (skipped by the trainer) must not poison the centre; same on every rank
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        # A non-finite step (skipped by the trainer) must not poison the centre; the same on every rank. Chosen
+        # on the device (torch.where), not by reading the flag back: a host read would stall a GPU every step.
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(torch.where(torch.isfinite(batch_center).all(), updated, self.center))
 
 
 # ----------------------------------------------------------------------------------------------- objective
@@ -182,9 +184,11 @@ class DINO(Objective):
     """DINO on a timm ViT; `forward(batch)` needs `batch["image"]` as the list of views `MultiCropTransform` makes
     (collated: a list of (B, C, H, W) tensors, the 2 global crops first)."""
 
-    def __init__(self, backbone: VisionTransformer, cfg: DINOConfig, seed: int = 0) -> None:
+    def __init__(self, backbone: VisionTransformer, cfg: DINOConfig, seed: int = 0, log_every: int = 1) -> None:
         super().__init__()
         cfg.validate()
+        self.log_every = max(1, log_every)  # the trainer's run.log_every: when the collapse monitor measures
+        self._teacher_emb: torch.Tensor | None = None
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"DINO needs a timm VisionTransformer backbone, got {type(backbone).__name__}")
         if not backbone.dynamic_img_size:
@@ -242,7 +246,7 @@ class DINO(Objective):
             color_jitter_prob=c.color_jitter_prob, color_jitter=tuple(c.color_jitter), grayscale_prob=c.grayscale_prob,
         )
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         views = self._views(batch)
         temp = self.teacher_temp()
         with torch.no_grad():
@@ -250,8 +254,8 @@ class DINO(Objective):
             teacher_out = self.teacher_head(teacher_emb)
         student_out = self.student_head(_multicrop_embed(self.student_backbone, views))
         loss, stats = self.loss_fn(student_out, teacher_out, temp)
-        metrics = {"loss": float(loss.detach()), **stats, "teacher_temp": temp,
-                   **self.monitor.measure(teacher_emb),
+        self._teacher_emb = teacher_emb.detach()  # measured by the collapse monitor at logged steps only
+        metrics = {"loss": loss.detach(), **stats, "teacher_temp": temp,
                    # What the collapse alarms (pretrain.evaluate) compare with: a teacher whose outputs went uniform
                    # has entropy ln K, and the loss (cross-entropy to it) is then at least ln K.
                    "loss_ceiling": self.uniform_entropy, "teacher_entropy_ceiling": self.uniform_entropy}
@@ -267,8 +271,12 @@ class DINO(Objective):
         # `step` updates are done; the one just done had index step - 1 (DINO's `momentum_schedule[it]`).
         m = teacher_momentum_at(step - 1, total_steps, self.cfg.momentum_teacher)
         self.update_teacher(m)
-        self.monitor.check(step)
-        return {"teacher_momentum": m}
+        out: dict[str, Any] = {"teacher_momentum": m}
+        # The embedding's std and effective rank (an SVD, and host reads) where the trainer writes a log row.
+        if self._teacher_emb is not None and (step % self.log_every == 0 or step == total_steps):
+            out.update(self.monitor.measure(self._teacher_emb))
+            self.monitor.check(step)
+        return out
 
     def on_epoch_start(self, epoch: int, steps_per_epoch: int) -> None:
         self.epoch = epoch
@@ -341,4 +349,5 @@ class DINO(Objective):
 
 @register("dino")
 def build(recipe: Recipe) -> DINO:
-    return DINO(create_backbone(recipe.model), recipe.objective.dino, seed=recipe.run.seed)
+    return DINO(create_backbone(recipe.model), recipe.objective.dino, seed=recipe.run.seed,
+                log_every=recipe.run.log_every)

@@ -175,7 +175,7 @@ class MAE(Objective):
         images = self._images(batch)
         pred, mask = self.predict(images)
         loss = masked_mse_loss(pred, pixel_targets(images, self.patch_size, self.cfg.norm_pix_loss), mask)
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}  # a tensor: read at log rows only
 
     def no_weight_decay(self) -> set[str]:
         names = super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}

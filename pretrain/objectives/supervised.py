@@ -186,10 +186,10 @@ class Supervised(Objective):
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
             if self.training and self.cfg.metric_loss != "none":
                 extra = self.metric_loss(feats, labels)
-                out["ce_loss"], out["metric_loss"] = float(loss.detach()), float(extra.detach())
+                out["ce_loss"], out["metric_loss"] = loss.detach(), extra.detach()
                 loss = loss + self.cfg.metric_loss_weight * extra
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return loss, {"loss": float(loss.detach()), "acc": float(acc), **out}
+        return loss, {"loss": loss.detach(), "acc": acc, **out}  # tensors: read at log rows only
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The backbone's own layer grouping (embeddings, blocks.i, final norm with the last block), under
@@ -252,7 +252,7 @@ class Supervised(Objective):
         if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],):
             raise ValueError("supervised expects batch['label'] as an integer tensor (B,)")
         labels = labels.long()
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host read
         if lo < 0 or hi >= self.num_classes:
             raise ValueError(
                 f"labels in [{lo}, {hi}] but the head has {self.num_classes} classes (-1 = unlabelled sample); "
