@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from pretrain.backbone import data_stats
 from pretrain.backbone import fingerprint as backbone_fingerprint
+from pretrain.pooling import POOLINGS, pool_tokens
 from pretrain.transforms import eval_transform
 from shards.atomic import atomic_path, write_text_atomic
 from shards.manifest import MANIFEST_NAME, load_manifest
@@ -90,7 +91,7 @@ class Features:
 
 def parse_pooling(pooling: str) -> tuple[str, int]:
     """("cls", 1), ("mean", 1) or ("last", N)."""
-    if pooling in ("cls", "mean"):
+    if pooling in POOLINGS:
         return pooling, 1
     m = re.fullmatch(r"last([1-9]\d*)", pooling)
     if m:
@@ -115,10 +116,7 @@ def embed_batch(model, images: torch.Tensor, pooling: str) -> torch.Tensor:
             images, indices=n, norm=True, return_prefix_tokens=True, intermediates_only=True
         )
         return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)
-    tokens = model.forward_features(images)  # (B, prefix + L, D), normed
-    if kind == "cls":
-        return tokens[:, 0]
-    return tokens[:, model.num_prefix_tokens :].mean(dim=1)
+    return pool_tokens(model.forward_features(images), model.num_prefix_tokens, kind)  # after the final norm
 
 
 # ----------------------------------------------------------------------------------------- checks, cache key

@@ -40,6 +40,7 @@ from pretrain.objectives.clip import (
     get_tokenizer,
     load_open_clip,
 )
+from pretrain.pooling import from_timm
 
 __all__ = [
     "ClipTowers",
@@ -51,8 +52,6 @@ __all__ = [
     "zeroshot_classifier",
 ]
 
-# extract_features pooling that reproduces the timm ViT's own global pool (before fc_norm)
-_POOLING = {"token": "cls", "avg": "mean"}
 
 
 class ZeroShotError(ValueError):
@@ -73,10 +72,11 @@ class ClipTowers:
 
     @property
     def pooling(self) -> str:
-        pool = self.backbone.global_pool
-        if pool not in _POOLING:
-            raise ZeroShotError(f"the image tower pools by {pool!r}; zero-shot supports {sorted(_POOLING)}")
-        return _POOLING[pool]
+        # extract_features pooling that reproduces the timm ViT's own global pool (before fc_norm)
+        try:
+            return from_timm(self.backbone.global_pool)
+        except ValueError as e:
+            raise ZeroShotError(f"the image tower's pooling: {e}") from None
 
     def to(self, device: torch.device | str) -> ClipTowers:
         for m in (self.backbone, self.image_head, self.text_model):

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.monitors import effective_rank
+from pretrain.pooling import pool_tokens
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
 from shards.record import image_extension
@@ -261,8 +262,7 @@ def preserved_rng():
 def pooled(model, images: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, D): the final CLS token ("cls") or the mean of the final patch tokens ("mean"), after the norm —
     `downstream.features`' definitions."""
-    tokens = model.forward_features(images)
-    return tokens[:, 0] if pooling == "cls" else tokens[:, model.num_prefix_tokens :].mean(dim=1)
+    return pool_tokens(model.forward_features(images), model.num_prefix_tokens, pooling)
 
 
 def stream_batches(source: str | Path, transform, *, batch_size: int = 256, accelerator=None, num_workers: int = 0,

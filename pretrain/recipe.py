@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pretrain.auto import AUTO, may_be_auto, resolve_auto
+from pretrain.pooling import POOLINGS
 
 
 class RecipeError(ValueError):
@@ -413,7 +414,7 @@ class SupervisedConfig:
         _check(not hard_labels or (self.mixup == 0 and self.cutmix == 0),
                f"{' and '.join(hard_labels)} need each sample's own label, which Mixup/CutMix blend: "
                f"set {p}mixup=0 and {p}cutmix=0 (now {self.mixup} and {self.cutmix})")
-        _one_of(self.pool, ("cls", "mean"), p + "pool")
+        _one_of(self.pool, POOLINGS, p + "pool")
         _within(p + "label_smoothing", self.label_smoothing, 0.0, 1.0, open_hi=True)
         _min(p + "mixup", self.mixup, 0, note=" (a Beta alpha; 0 = off)")
         _min(p + "cutmix", self.cutmix, 0, note=" (a Beta alpha; 0 = off)")
@@ -559,7 +560,7 @@ class EvalConfig:
         _within(p + "max_fraction", self.max_fraction, 0.0, 1.0, open_hi=True, note=" (0 = no limit)")
         _min(p + "k", self.k, 1)
         _min(p + "temperature", self.temperature, 0, strict=True)
-        _one_of(self.pooling, ("cls", "mean"), p + "pooling")
+        _one_of(self.pooling, POOLINGS, p + "pooling")
         _min(p + "batch_size", self.batch_size, 1)
 
 

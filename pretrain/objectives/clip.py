@@ -41,6 +41,7 @@ from torch import nn
 from pretrain.backbone import create_backbone
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
+from pretrain.pooling import from_timm
 from pretrain.recipe import CLIPConfig, RecipeError
 from pretrain.transforms import crop_transform, resolve_stats
 from shards.atomic import atomic_path
@@ -124,8 +125,7 @@ class CLIP(Objective):
         cfg.validate()
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"CLIP needs a timm VisionTransformer backbone, got {type(backbone).__name__}")
-        if backbone.global_pool not in ("token", "avg"):
-            raise ValueError(f"CLIP pools the backbone by 'token' or 'avg', not {backbone.global_pool!r}")
+        from_timm(backbone.global_pool)  # a pooling the house can name (features, zero-shot): token or avg
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions={captions!r}: must be one of {list(CAPTION_MODES)}")
         templates = tuple(templates) or DEFAULT_TEMPLATES

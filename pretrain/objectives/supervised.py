@@ -32,6 +32,7 @@ from pretrain.backbone import create_backbone, data_stats
 from pretrain.heads import ClassCentreHead, CosineClassifier, TripletLoss
 from pretrain.objectives import register
 from pretrain.objectives.base import Objective
+from pretrain.pooling import pool_tokens
 from pretrain.recipe import SupervisedConfig
 from pretrain.transforms import crop_transform, resolve_stats
 from shards.tar import manifest_for
@@ -200,10 +201,7 @@ class Supervised(Objective):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, D): the CLS token or the mean of the patch tokens (after the final norm)."""
-        tokens = self.backbone.forward_features(images)
-        if self.cfg.pool == "mean":
-            return tokens[:, self.backbone.num_prefix_tokens :].mean(dim=1)
-        return tokens[:, 0]
+        return pool_tokens(self.backbone.forward_features(images), self.backbone.num_prefix_tokens, self.cfg.pool)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head_logits(self.features(images))
