@@ -31,7 +31,7 @@ from pretrain.backbone import data_stats, fingerprint
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
 from shards.manifest import MANIFEST_NAME
-from shards.record import image_extension
+from shards.record import image_extension, read_label
 from shards.sources import image_files, image_suffixes, sample_source
 from shards.tar import iter_tar_samples, list_shards, manifest_class_names, open_shard
 
@@ -119,12 +119,7 @@ def metadata_rows(source: str, keys: Sequence[str], *, thumbnails: bool = True) 
                 for key, files in iter_tar_samples(stream):
                     if key not in wanted:
                         continue
-                    label = None
-                    if "cls" in files:
-                        try:
-                            label = int(files["cls"].decode("ascii").strip())
-                        except ValueError:
-                            label = None
+                    label = read_label(files)
                     caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
                     meta = _sample_meta(files)
                     found[key] = {

@@ -66,7 +66,7 @@ from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
 from shards.record import image_extension
 from shards.stream import ShardStream
-from shards.tar import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_source_samples, list_shards, manifest_class_names
 
 if TYPE_CHECKING:
     from pretrain.recipe import AlarmConfig, EvalConfig
@@ -187,26 +187,20 @@ def draw_split(source: str, holdout: int, bank: int, folder: str | Path, *, allo
             meta = json.loads(meta_path.read_text())
             if {k: meta.get(k) for k in want} == want:
                 return meta["off"] if meta.get("off") else _split_from(folder, meta)
-    classes: list[str] = []
-    p = Path(source)
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
-        manifest = load_manifest(p)
-        classes = list(manifest.classes)
+    classes = manifest_class_names(source)
     n = holdout + bank
     heap: list[tuple[float, int, str, dict[str, bytes]]] = []  # (-rank, index, key, files): the n smallest ranks
     labelled, index = 0, 0
-    for url, _count in list_shards(source, allow_pipe=allow_pipe):
-        with open_shard(url, allow_pipe=allow_pipe) as stream:
-            for key, files in iter_tar_samples(stream):
-                index += 1
-                if _label(files) is None:
-                    continue
-                labelled += 1
-                item = (-key_rank(key), index, key, files)
-                if len(heap) < n:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
+    for _url, key, files in iter_source_samples(source, allow_pipe=allow_pipe):
+        index += 1
+        if _label(files) is None:
+            continue
+        labelled += 1
+        item = (-key_rank(key), index, key, files)
+        if len(heap) < n:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
     chosen = sorted(heap, key=lambda t: (-t[0], t[1]))
     off = ""
     if labelled < 2:

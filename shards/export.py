@@ -12,9 +12,8 @@ import re
 from pathlib import Path
 
 from shards.atomic import atomic_path
-from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.record import read_image, read_label
-from shards.tar import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_source_samples, manifest_class_names
 
 EXPORT_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 UNLABELLED_FOLDER = "unlabelled"
@@ -34,26 +33,23 @@ def export_folder(source: str, out: str | Path, image_format: str = "png", jpg_q
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; export writes a new folder")
-    folder = Path(source)
-    classes = load_manifest(folder).classes if (folder / MANIFEST_NAME).is_file() else []
+    classes = manifest_class_names(source)
     names = [_folder_name(c) for c in classes]
     if len(set(names)) != len(names):
         raise ValueError(f"class names {classes} do not give distinct folder names")
     counts: dict[str, int] = {}
     with atomic_path(out) as staging:
         staging.mkdir()
-        for url, _count in list_shards(source):
-            with open_shard(url) as stream:
-                for key, files in iter_tar_samples(stream):
-                    image = read_image(files)
-                    if image is None:
-                        counts["(unreadable)"] = counts.get("(unreadable)", 0) + 1
-                        continue
-                    label = read_label(files)
-                    name = UNLABELLED_FOLDER if label is None else names[label] if label < len(names) else str(label)
-                    (staging / name).mkdir(exist_ok=True)
-                    path = staging / name / f"{key.replace('/', '_')}.{image_format}"
-                    options = {"quality": jpg_quality} if image_format == "jpg" else {}
-                    image.save(path, format=EXPORT_FORMATS[image_format], **options)
-                    counts[name] = counts.get(name, 0) + 1
+        for _url, key, files in iter_source_samples(source):
+            image = read_image(files)
+            if image is None:
+                counts["(unreadable)"] = counts.get("(unreadable)", 0) + 1
+                continue
+            label = read_label(files)
+            name = UNLABELLED_FOLDER if label is None else names[label] if label < len(names) else str(label)
+            (staging / name).mkdir(exist_ok=True)
+            path = staging / name / f"{key.replace('/', '_')}.{image_format}"
+            options = {"quality": jpg_quality} if image_format == "jpg" else {}
+            image.save(path, format=EXPORT_FORMATS[image_format], **options)
+            counts[name] = counts.get(name, 0) + 1
     return counts

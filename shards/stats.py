@@ -24,7 +24,7 @@ from PIL import Image
 
 from shards.manifest import MANIFEST_NAME, load_manifest
 from shards.record import read_image, read_label
-from shards.tar import iter_tar_samples, list_shards, open_shard
+from shards.tar import iter_source_samples, list_shards
 
 STATS_NAME = "stats.json"  # beside another tool's tars, where there is no manifest of ours to hold them
 _SIZES_KEPT = 10  # the most common sizes listed; the rest are counted under "other"
@@ -185,24 +185,17 @@ AUTO_SCAN_LIMIT = 2000  # samples measured (spread over the shards) when a set c
 
 
 def measure_shards(source: str, limit: int = 0) -> tuple[DatasetStats, int]:
-    """Measure the samples of `source` (anything `shards.stream.list_shards` takes), the first
+    """Measure the samples of `source` (anything `shards.tar.list_shards` takes), the first
     ceil(limit / shards) of each shard when `limit` > 0; returns the stats and how many samples had no readable
     image (skipped, counted)."""
-    # imported here, not at the top: the writer's worker processes import this module and need no torch
-
-    shards = list_shards(source)
-    per_shard = math.ceil(limit / len(shards)) if limit else 0
+    per_shard = math.ceil(limit / len(list_shards(source))) if limit else 0
     stats, unreadable = DatasetStats(), 0
-    for url, _count in shards:
-        with open_shard(url) as stream:
-            for i, (_key, files) in enumerate(iter_tar_samples(stream)):
-                if per_shard and i >= per_shard:
-                    break
-                image = read_image(files)
-                if image is None:
-                    unreadable += 1
-                    continue
-                stats.add(summarize(image), read_label(files), bool(files.get("txt", b"").strip()))
+    for _url, _key, files in iter_source_samples(source, per_shard=per_shard):
+        image = read_image(files)
+        if image is None:
+            unreadable += 1
+            continue
+        stats.add(summarize(image), read_label(files), bool(files.get("txt", b"").strip()))
     return stats, unreadable
 
 

@@ -382,6 +382,19 @@ def _folder_shards(folder: Path) -> list[tuple[str, int]]:
     return [(t, count_tar_samples(t)) for t in tars]
 
 
+def iter_source_samples(
+    source: str | os.PathLike, *, allow_pipe: bool = False, per_shard: int = 0
+) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard url, key, files) for every sample of a source, shard after shard in `list_shards` order; with
+    `per_shard` > 0, only the first that many of each shard."""
+    for url, _count in list_shards(source, allow_pipe=allow_pipe):
+        with open_shard(url, allow_pipe=allow_pipe) as stream:
+            for i, (key, files) in enumerate(iter_tar_samples(stream)):
+                if per_shard and i >= per_shard:
+                    break
+                yield url, key, files
+
+
 def manifest_for(source: str | os.PathLike) -> Manifest | None:
     """The manifest describing a shard source: a folder's own, else that of the folder holding its first listed
     shard (a glob or brace pattern inside one set); None when there is none (another tool's shards, a source that

@@ -285,3 +285,19 @@ def test_a_folder_of_colour_photos_trains_with_only_data_and_out_dir(own_shards,
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["model"]["in_chans"] == 3 and saved["model"]["img_size"] == 32
     assert (out / "backbone" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def test_export_writes_the_set_back_as_a_folder_that_writes_the_same_images(tmp_path, capsys):
+    photos = colour_folder(tmp_path / "photos", 12)
+    assert shards_main(["write", "folder", str(photos), "--out", str(tmp_path / "set"), "--size", "16"]) == 0
+    assert shards_main(["export", str(tmp_path / "set"), "--out", str(tmp_path / "back")]) == 0
+    assert "wrote 12 images" in capsys.readouterr().out
+    back = sorted((tmp_path / "back").rglob("*.png"))
+    assert [p.parent.name for p in back] == [p.parent.name for p in sorted(photos.rglob("*.jpg"))]
+    originals = stored(tmp_path / "set")
+    for path in back:  # lossless: the pixels the shards hold, under their class and key
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(originals[path.stem]))
+    assert shards_main(["export", str(tmp_path / "set"), "--out", str(tmp_path / "back")]) == 2  # never overwrites
