@@ -82,22 +82,24 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _progress(ckpt: Path) -> tuple[int, int]:
-    """(samples seen, step): steps are counted in global batches, which a relaunch may change; samples are not."""
+def _progress(ckpt: Path) -> tuple[int, int] | None:
+    """(samples seen, step): steps are counted in global batches, which a relaunch may change; samples are not.
+    None when it is being removed (a running trainer prunes old ones): it was complete when listed."""
     step = int(CKPT_RE.match(ckpt.name).group(1))
     try:
         return read_trainer_state(ckpt)[0].samples_seen, step
     except CheckpointError:
-        return -1, step
+        return (-1, step) if (ckpt / COMPLETE_MARKER).is_file() else None
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by training progress)."""
+    """Complete checkpoints, oldest first (by training progress). Safe to call while a trainer writes and prunes."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=_progress)
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    ranked = [(progress, p) for p in found if (progress := _progress(p)) is not None]
+    return [p for _, p in sorted(ranked)]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -189,6 +191,8 @@ def read_trainer_state(ckpt: str | Path) -> tuple[TrainerState, dict]:
     try:
         meta = json.loads(path.read_text())
         return TrainerState(**meta["state"]), meta
+    except FileNotFoundError as e:  # removed between the check and the read
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint: {COMPLETE_MARKER} is missing") from e
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is corrupt or not a vitssl checkpoint: {e}") from e
 

@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,35 @@ def test_an_unreadable_newest_checkpoint_is_kept_and_the_one_before_it_resumes(d
     with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* can be read .* run\.resume=never"):
         Trainer(tiny_recipe(digits_shards, out, "run.max_steps=10", *common)).fit()
     assert len(list((out / "checkpoints").glob("step_*.unreadable*"))) == 4
+
+
+def test_checkpoints_can_be_listed_while_a_trainer_writes_and_prunes_them(tmp_path):
+    """An evaluator polling a live run (or the resume test's killer) lists checkpoints the trainer is pruning: a
+    checkpoint that vanishes mid-listing is simply not listed, never an error."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    stop = threading.Event()
+
+    def churn() -> None:  # the trainer's pattern: write under a temporary name, rename, prune all but the newest
+        step = 0
+        while not stop.is_set():
+            step += 1
+            tmp, final = root / f".step_{step:08d}.tmp", root / f"step_{step:08d}"
+            tmp.mkdir()
+            (tmp / "trainer_state.json").write_text(json.dumps({"state": {"step": step, "samples_seen": step * 8}}))
+            os.replace(tmp, final)
+            if step > 1:
+                shutil.rmtree(root / f"step_{step - 1:08d}")
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        seen = [list_checkpoints(tmp_path) for _ in range(2000)]
+    finally:
+        stop.set()
+        writer.join()
+    assert all(len(s) <= 2 for s in seen) and any(s for s in seen)
+    assert all(s == sorted(s) for s in seen), [[p.name for p in s] for s in seen if s != sorted(s)][:3]
 
 
 def _digits_with_bad_samples(folder: Path, bad: set[int], n: int = 120) -> None:
