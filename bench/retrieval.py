@@ -28,13 +28,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from downstream.retrieval import (  # noqa: E402
-    RetrievalIndex,
-    approximate_recall,
-    default_factory,
-    mean_average_precision,
-    recall_at_k,
-)
+from downstream.metrics import approximate_recall, mean_average_precision, recall_at_k  # noqa: E402
+from downstream.retrieval import RetrievalIndex, default_factory  # noqa: E402
 
 FMNIST_DIR = os.environ.get(
     "VITSSL_FMNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-mnist"))

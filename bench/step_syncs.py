@@ -83,7 +83,7 @@ def measure(objective: str, shards: Path, out: Path, steps: int) -> dict:
     reads = HostReads()
     mark = {"reads": 0, "t": time.perf_counter()}
 
-    hook = trainer._unwrapped().on_step_end
+    hook = trainer.unwrapped_objective.on_step_end
 
     def on_step_end_hook(step: int, total: int) -> dict:
         out = hook(step, total)
@@ -92,7 +92,7 @@ def measure(objective: str, shards: Path, out: Path, steps: int) -> dict:
         mark["reads"], mark["t"] = reads.count, now
         return out
 
-    trainer._unwrapped().on_step_end = on_step_end_hook
+    trainer.unwrapped_objective.on_step_end = on_step_end_hook
     with reads:
         trainer.fit()
     log_every = recipe.run.log_every

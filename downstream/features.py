@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather, gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pretrain.backbone import data_stats
 from pretrain.backbone import fingerprint as backbone_fingerprint
 from pretrain.pooling import POOLINGS, pool_tokens
+from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
 from shards.atomic import atomic_path, write_text_atomic
 from shards.manifest import MANIFEST_NAME, load_manifest
@@ -230,8 +232,6 @@ def _all_ranks_agree(flag: bool, accelerator) -> bool:
     """True only when `flag` is true on every rank (e.g. every rank found the cache)."""
     if accelerator is None or accelerator.num_processes == 1:
         return flag
-    from accelerate.utils import gather_object
-
     return all(gather_object([flag]))
 
 
@@ -318,8 +318,6 @@ def extract_features(
         model.train(was_training)
     f, lab, idx, pd = torch.cat(feats), torch.cat(labels), torch.cat(index), torch.cat(pad)
     if world > 1:
-        from accelerate.utils import gather, gather_object
-
         # Same row count on every rank (remainder="pad"), so the tensor gather lines up with the object gather.
         f, lab, idx, pd = (gather(t.to(device)).cpu() for t in (f, lab, idx, pd))
         keys, captions = gather_object(keys), gather_object(captions)
@@ -378,8 +376,6 @@ def load_labelled_features(
     backbone; see `pretrain.restore`) or an already loaded backbone. Raises FeatureError for shards without
     labels or that do not fit the backbone, FileNotFoundError for a missing checkpoint."""
     if isinstance(backbone, (str, os.PathLike)):
-        from pretrain.restore import load_backbone_from
-
         backbone = load_backbone_from(backbone)
     return extract_features(
         backbone, source, pooling=pooling, batch_size=batch_size, num_workers=num_workers,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from downstream.features import check_compatible
 from downstream.probe import ProbeResult, result_from_scores
@@ -255,8 +256,6 @@ def load_finetuned(path: str | Path) -> Supervised:
     recipe_dict = meta.get("recipe") or {}
     if recipe_dict.get("objective", {}).get("name") != "supervised":
         raise CheckpointError(f"{ckpt} is not a fine-tuning (supervised) checkpoint")
-    from omegaconf import OmegaConf
-
     recipe: Recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), recipe_dict))
     sup = recipe.objective.supervised
     sup.init_from = ""  # the checkpoint holds every weight

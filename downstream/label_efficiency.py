@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from downstream.metrics import mean_std
-from downstream.probe import PROTOCOLS, _prepare
+from downstream.probe import PROTOCOLS, _prepare, embed_train_test
 from shards.atomic import atomic_path, write_text_atomic
 
 __all__ = [
@@ -233,8 +233,6 @@ def label_efficiency_checkpoint(
 ) -> LabelEfficiencyResult:
     """One call for the CLI: embed `train` and `test` shard sets with `checkpoint` (as `probe_checkpoint` does),
     run `label_efficiency(**kwargs)` and, given `out_dir`, write label_efficiency.json + .png there."""
-    from downstream.probe import embed_train_test
-
     tr, te, info = embed_train_test(checkpoint, train, test, pooling=pooling, cache_dir=cache_dir,
                                     batch_size=batch_size, num_workers=num_workers)
     classes = kwargs.pop("classes", None) or tr.classes or te.classes or None

@@ -36,9 +36,12 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from downstream.metrics import classification_metrics, confusion_matrix, per_class_accuracy, topk_accuracy
+from downstream.features import load_labelled_features
+from downstream.metrics import classification_metrics
 from downstream.retrieval import faiss_gpu_count, l2_normalized
+from downstream.visualize import confusion_matrix_png
 from pretrain.heads import ClassCentreHead, CosineClassifier
+from pretrain.restore import load_backbone_from
 from shards.atomic import write_text_atomic
 
 __all__ = [
@@ -56,8 +59,6 @@ __all__ = [
     "Whiten",
     "centre_probe",
     "check_features",
-    "classification_metrics",
-    "confusion_matrix",
     "cosine_probe",
     "embed_train_test",
     "held_out_split",
@@ -65,12 +66,10 @@ __all__ = [
     "knn_scores",
     "linear_probe_dino",
     "linear_probe_mae",
-    "per_class_accuracy",
     "probe_checkpoint",
     "probe_features",
     "resolve_protocol",
     "select_hyperparameters",
-    "topk_accuracy",
 ]
 
 # The grids each protocol sweeps on held-out train (grown one step past an edge that wins). Base learning rates
@@ -647,8 +646,6 @@ class ProbeResult:
     def save(self, folder: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
         """Write `folder/<name>.json` and the confusion matrix `folder/<name>_confusion.png` (each atomically;
         `name` defaults to the protocol); returns their paths."""
-        from downstream.visualize import confusion_matrix_png
-
         folder = Path(folder)
         name = name or self.protocol
         if not name or "/" in name or name.startswith("."):
@@ -1066,11 +1063,7 @@ def embed_train_test(
 ) -> tuple:  # fmt: skip
     """(train Features, test Features, a description of them for a report) of two labelled shard sets embedded
     with `checkpoint` (run folder, checkpoint, exported backbone, or a loaded backbone; cached in `cache_dir`)."""
-    from downstream.features import load_labelled_features
-
     if isinstance(checkpoint, (str, os.PathLike)):
-        from pretrain.restore import load_backbone_from
-
         backbone, where = load_backbone_from(checkpoint), str(checkpoint)
     else:
         backbone, where = checkpoint, ""

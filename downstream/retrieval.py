@@ -30,7 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from downstream.metrics import map_from_hits, recall_from_hits
+from downstream.metrics import approximate_recall, map_from_hits, recall_from_hits
 from shards.atomic import atomic_path
 from shards.manifest import sha256_file
 from shards.sources import source_stem
@@ -755,64 +755,3 @@ def evaluate_relevance(
     n_rel = _relevant_counts(q_codes, i_codes, excl)[usable]
     return {"queries": int(usable.size), "skipped": skipped, "recall": recall_from_hits(hits, ks),
             "map": map_from_hits(hits, n_rel)}
-
-
-def _label_arrays(query_labels: Any, retrieved_labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    q = np.asarray(query_labels).reshape(-1)
-    r = np.asarray(retrieved_labels)
-    if r.ndim != 2 or r.shape[0] != q.shape[0]:
-        raise RetrievalError(f"retrieved_labels must be (Q, k) with Q = {q.shape[0]} queries, got {r.shape}")
-    if q.shape[0] == 0:
-        raise RetrievalError("no queries to evaluate")
-    return q, r
-
-
-def recall_at_k(query_labels: Any, retrieved_labels: Any, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
-    """Fraction of queries with at least one result of their own label among the top k, for each k.
-
-    `retrieved_labels` is (Q, K), best first; mark missing results with a label no query has (e.g. -1).
-    """
-    q, r = _label_arrays(query_labels, retrieved_labels)
-    for k in ks:
-        if not 1 <= k <= r.shape[1]:
-            raise RetrievalError(f"recall@{k} needs 1 <= k <= {r.shape[1]} retrieved results per query")
-    return recall_from_hits(r == q[:, None], ks)
-
-
-def mean_average_precision(
-    query_labels: Any, retrieved_labels: Any, *, k: int | None = None, num_relevant: Any = None
-) -> float:
-    """mAP@k over the returned top-k ranking (same label = relevant).
-
-    AP@k = sum over relevant ranks i <= k of precision@i, divided by min(k, R) when `num_relevant` R per query
-    is given (the standard normalisation; a perfect top-k scores 1), else by the number of relevant results
-    found in the top k (AP of the returned list only). A query with no relevant result scores 0.
-    """
-    q, r = _label_arrays(query_labels, retrieved_labels)
-    k = r.shape[1] if k is None else k
-    if not 1 <= k <= r.shape[1]:
-        raise RetrievalError(f"mAP@{k} needs 1 <= k <= {r.shape[1]} retrieved results per query")
-    n_rel = None
-    if num_relevant is not None:
-        n_rel = np.asarray(num_relevant, dtype=np.float64).reshape(-1)
-        if n_rel.shape[0] != q.shape[0]:
-            raise RetrievalError(f"num_relevant has {n_rel.shape[0]} entries for {q.shape[0]} queries")
-    return map_from_hits(r[:, :k] == q[:, None], n_rel)
-
-
-def approximate_recall(approx_ids: Any, exact_ids: Any, k: int) -> float:
-    """Fraction of the exact top-k ids that the approximate top-k also returns (mean over queries)."""
-    a, e = np.asarray(approx_ids), np.asarray(exact_ids)
-    if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
-        raise RetrievalError(f"approx_ids {a.shape} and exact_ids {e.shape} must be (Q, >=k) for the same Q")
-    if not 1 <= k <= min(a.shape[1], e.shape[1]):
-        raise RetrievalError(f"k={k} needs at least k columns in both, got {a.shape[1]} and {e.shape[1]}")
-    a, e = a[:, :k], e[:, :k]
-    valid = int((e >= 0).sum())
-    if valid == 0:
-        raise RetrievalError("exact_ids hold no results")
-    found = 0
-    for lo in range(0, a.shape[0], 1024):  # (chunk, k, k) comparisons stay small
-        ea = e[lo:lo + 1024]
-        found += int(((a[lo:lo + 1024, :, None] == ea[:, None, :]).any(axis=1) & (ea >= 0)).sum())
-    return found / valid

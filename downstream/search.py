@@ -30,6 +30,7 @@ from downstream.retrieval import RetrievalError, RetrievalIndex, evaluate_releva
 from pretrain.backbone import data_stats, fingerprint
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
+from shards.atomic import write_text_atomic
 from shards.manifest import MANIFEST_NAME
 from shards.record import image_extension, read_label
 from shards.sources import image_files, image_suffixes, sample_source
@@ -557,7 +558,5 @@ def _sheet_title(record: dict) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    from shards.atomic import write_text_atomic
-
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
     return Path(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,11 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from torch import nn
 
 from downstream.features import FeatureError, Features, extract_features
-from downstream.probe import classification_metrics
-from downstream.retrieval import exact_search, recall_at_k
+from downstream.metrics import classification_metrics, recall_at_k
+from downstream.retrieval import exact_search
+from pretrain.checkpoint import latest_checkpoint, load_model_state, read_trainer_state
 from pretrain.objectives.clip import (
+    CLIP,
     DEFAULT_TEMPLATES,
     IMAGE_TOWER_DIR,
     OPEN_CLIP_CONFIG,
@@ -41,6 +43,8 @@ from pretrain.objectives.clip import (
     load_open_clip,
 )
 from pretrain.pooling import from_timm
+from pretrain.recipe import CLIPConfig
+from pretrain.restore import load_backbone_from
 
 __all__ = [
     "ClipTowers",
@@ -135,11 +139,6 @@ def load_clip(path: str | Path) -> ClipTowers:
 
 
 def _load_from_checkpoint(p: Path) -> ClipTowers:
-    from pretrain.checkpoint import latest_checkpoint, load_model_state, read_trainer_state
-    from pretrain.objectives.clip import CLIP
-    from pretrain.recipe import CLIPConfig
-    from pretrain.restore import load_backbone_from
-
     ckpt = p if (p / "trainer_state.json").is_file() else latest_checkpoint(p)
     if ckpt is None:
         raise FileNotFoundError(
@@ -249,8 +248,6 @@ class ZeroShotResult:
     retrieval: RetrievalResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.atomic import atomic_path
+
 
 def _patch_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
     pe = model.patch_embed
@@ -68,8 +70,6 @@ def attention_grid_png(
     image size and scaled to its own [0, 1] range.
     """
     from matplotlib.figure import Figure  # not pyplot: no global state, safe off the main thread
-
-    from shards.atomic import atomic_path
 
     images = images[:max_images]
     maps = cls_attention(model, images)

@@ -25,6 +25,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from pretrain.recipe import ModelConfig
+from pretrain.transforms import normalize_stats
 from shards.atomic import atomic_path, write_text_atomic
 
 WEIGHTS_FILE = "model.safetensors"
@@ -210,8 +211,6 @@ def with_data_stats(
 
 def data_stats(model: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a backbone was trained with, as recorded in its config; the house default otherwise."""
-    from pretrain.transforms import normalize_stats
-
     model = _unwrap(model)
     in_chans = model.patch_embed.proj.in_channels
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -59,7 +59,9 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 
+from pretrain.curves import curve_png
 from pretrain.monitors import effective_rank
 from pretrain.pooling import pool_tokens
 from shards.atomic import atomic_path
@@ -160,8 +162,6 @@ def _source_stamp(source: str, allow_pipe: bool) -> list:
 
 def _write_set(folder: Path, samples: list[tuple[int, str, dict[str, bytes]]], classes: list[str], source: str,
                split: str) -> None:
-    import webdataset as wds
-
     folder.mkdir(parents=True)
     infos = []
     for n, first in enumerate(range(0, len(samples), _SPLIT_SHARD)):
@@ -632,19 +632,6 @@ def knn_curve_png(metrics_path: Path, out: Path) -> Path | None:
     points = knn_rows(metrics_path)
     if len(points) < 2:
         return None
-    from matplotlib.figure import Figure  # not pyplot: no global state
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.subplots()
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
-    if points[0][0] == 0:
-        ax.axhline(points[0][1], linestyle="--", color="gray", linewidth=1, label=f"random init {points[0][1]:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("k-NN top-1")
-    ax.set_title("online k-NN (held-out query vs bank)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    return out
+    baseline = (f"random init {points[0][1]:.3f}", points[0][1]) if points[0][0] == 0 else None
+    return curve_png([p[0] for p in points], [p[1] for p in points], out, ylabel="k-NN top-1",
+                     title="online k-NN (held-out query vs bank)", baseline=baseline, marker="o")

@@ -10,10 +10,14 @@ check the first case from the launcher's own command line.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import torch
+import yaml
+from accelerate import Accelerator, __version__
+from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 
 from shards.lifeline import exit_with_launcher
 
@@ -47,8 +51,6 @@ def _launcher_requested_processes() -> int | None:
             config_file = m.group(1) or (argv[i + 1] if i + 1 < len(argv) else None)
     # A config file's num_processes counts too: `distributed_type: MULTI_CPU` there also starts only one.
     if config_file:
-        import yaml
-
         path = os.path.join(os.readlink(f"/proc/{os.getppid()}/cwd"), config_file)
         try:
             with open(path) as f:
@@ -97,8 +99,6 @@ def fsdp_units(model: torch.nn.Module) -> list[str]:
 def fsdp_plugin():
     """Full shard (FSDP2, resharding after forward), one unit per transformer block, whole-tensor state dicts.
     Activation checkpointing stays timm's (`model.grad_checkpointing`), so it means the same with and without FSDP."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=True,
@@ -111,9 +111,6 @@ def fsdp_plugin():
 
 def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = False, log_with=None,
                      project_dir=None, **kwargs):
-    from accelerate import Accelerator, __version__
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # First, before init_process_group can block on a store that lived in the launcher: a rank ends with it.
     exit_with_launcher()
     use_cpu = cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -137,7 +134,5 @@ def make_accelerator(*, precision: str = "no", cpu: bool = False, fsdp: bool = F
                 f"these {acc.num_processes} processes run on {acc.device.type}. Use run.fsdp=false (DDP) here."
             )
         # One process has nothing to shard over: it trains unsharded, with the same checkpoints.
-        import logging
-
         logging.getLogger("vitssl.launch").warning("run.fsdp=true with one process: nothing to shard, training unsharded")
     return acc

@@ -3,7 +3,7 @@
 Collapse monitors (DINO's failure mode, most reported at small batch sizes; Caron et al. 2021, Sec. 5.3):
   * `entropy` of the teacher's output distribution: 0 when every sample picks one prototype (collapse to a
     dominant dimension), log(K) when the output is uniform (collapse to uniform);
-  * `kl_divergence` between teacher and student: 0 when both collapse the same way;
+  * the teacher-student KL (DINO's `st_kl`, its loss minus the teacher entropy): 0 when both collapse the same way;
   * `embedding_std`: mean over dimensions of the per-dimension std of the L2-normalised embeddings (SimSiam's
     measure): 1/sqrt(D) for embeddings spread like random directions, 0 when all samples share one vector;
   * `effective_rank`: exp of the entropy of the normalised singular values (Roy & Vetterli 2007; RankMe):
@@ -30,12 +30,6 @@ log = logging.getLogger("vitssl.monitors")
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of -sum p log p (nats) of probability rows (N, K); 0 log 0 = 0."""
     return torch.special.entr(probs.float()).sum(dim=-1).mean()
-
-
-def kl_divergence(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p || q) = sum p (log p - log q), from probabilities p and log-probabilities log_q."""
-    p = p.float()
-    return (torch.special.xlogy(p, p) - p * log_q.float()).sum(dim=-1).mean()
 
 
 def embedding_std(emb: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pretrain.auto import AUTO, may_be_auto, resolve_auto
 from pretrain.pooling import POOLINGS
+from shards.atomic import write_text_atomic
 
 
 class RecipeError(ValueError):
@@ -893,6 +894,4 @@ def _nest(dotted: str) -> dict:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    from shards.atomic import write_text_atomic
-
     write_text_atomic(path, recipe.to_yaml())

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ import torch
 from accelerate.utils import set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
 
+from pretrain.backbone import backbone_config, export_backbone, with_data_stats
 from pretrain.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -38,9 +41,11 @@ from pretrain.checkpoint import (
     save_checkpoint,
     torch_optimizer,
 )
+from pretrain.curves import curve_png
 from pretrain.evaluate import CollapseAlarms, OnlineEvaluator, knn_curve_png, knn_summary
 from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
+from pretrain.objectives.base import Objective
 from pretrain.position import Launch, launch_of, translate
 from pretrain.recipe import Recipe, save_recipe
 from pretrain.schedule import cosine_value
@@ -96,8 +101,6 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 
 def _check_compile_possible(device: torch.device) -> None:
     """run.compile on the CPU: inductor builds C++ kernels; say so at start instead of deep in the first step."""
-    import shutil
-
     if device.type == "cpu":
         cxx = os.environ.get("CXX", "g++")
         if shutil.which(cxx) is None:
@@ -399,10 +402,12 @@ class Trainer:
             self._set_schedule_length(total, warmup)
         self.state.total_steps, self.state.warmup_steps = self.total_steps, self.warmup_steps
 
-    def _unwrapped(self):
+    @property
+    def unwrapped_objective(self) -> Objective:
+        """The objective without Accelerate's wrappers (DDP, compile): its parameters, buffers and methods."""
         return self.accelerator.unwrap_model(self.model)
 
-    def _set_step_schedules(self, step: int) -> float:
+    def set_step_schedules(self, step: int) -> float:
         """lr (timm's warmup + cosine, per update) and the optional weight-decay cosine, at `step`."""
         self.scheduler.step_update(num_updates=step)
         o = self.recipe.optim
@@ -432,9 +437,7 @@ class Trainer:
         self.state.skipped_total += n
 
     def _backbone_config(self) -> dict:
-        from pretrain.backbone import backbone_config, with_data_stats
-
-        objective = self._unwrapped()
+        objective = self.unwrapped_objective
         return with_data_stats(backbone_config(objective.backbone), *objective.data_stats())
 
     def _save(self) -> Path:
@@ -512,7 +515,8 @@ class Trainer:
                         f"as {', '.join(str(p) for p in kept)}")
         return found
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Restore the run's newest readable checkpoint (run.resume=auto) or the one named; `fit` calls it."""
         r = self.recipe.run
         if r.resume == "never":
             return
@@ -552,7 +556,7 @@ class Trainer:
             source,
             batch_size=8,
             num_workers=0,
-            transform=self._unwrapped().eval_transform(),
+            transform=self.unwrapped_objective.eval_transform(),
             mode="exact",
             remainder="pad",
             shuffle=False,
@@ -569,7 +573,7 @@ class Trainer:
         prepared one holds shards (and its forward is collective), so a plain copy is built from the final
         checkpoint's gathered weights."""
         if not self.sharded:
-            return self._unwrapped()
+            return self.unwrapped_objective
         objective = build_objective(self.recipe)
         objective.load_state_dict(load_model_state(self.last_checkpoint))
         return objective.to(self.accelerator.device)
@@ -602,11 +606,11 @@ class Trainer:
             self.alarms.replay([json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()])
         self._eval_row: dict[str, float] = {}  # evaluation numbers waiting for the next logged row
         self._collapse_pending = False  # an alarm fired on the main process: every rank stops at the next update
-        self.evaluator.begin(self._unwrapped().backbone, fresh=self.state.step == 0)
+        self.evaluator.begin(self.unwrapped_objective.backbone, fresh=self.state.step == 0)
 
     def _evaluate(self) -> None:
         """The online k-NN of the backbone as it is now (every rank: the embedding is collective)."""
-        self._eval_row.update(self.evaluator.evaluate(self._unwrapped().backbone, self.state.step))
+        self._eval_row.update(self.evaluator.evaluate(self.unwrapped_objective.backbone, self.state.step))
 
     def _watch(self, row: dict[str, Any]) -> None:
         """The alarms read the row just logged (main process); with alarm.stop_on_collapse a firing stops the run."""
@@ -626,7 +630,7 @@ class Trainer:
         acc.wait_for_everyone()
         if any(t != "jsonl" for t in r.trackers):
             acc.init_trackers("trackers", config=_flat_config(self.recipe.to_dict()))
-        self._resume()
+        self.resume()
         if self.state.step >= self.total_steps:
             return self._already_finished()
         self._start_watching()
@@ -635,8 +639,6 @@ class Trainer:
         self.model.train()
         loop = _Loop.start(self.state.wall_seconds, self.state.step, r)
         if self.is_main and r.progress:
-            from tqdm.auto import tqdm
-
             loop.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
         with _StopSignal() as stop:
             while self.state.step < self.total_steps and not loop.stopped:
@@ -663,7 +665,7 @@ class Trainer:
         acc, o = self.accelerator, self.recipe.optim
         epoch = self.state.epoch
         self.stream.set_position(epoch, self.state.batches_done)
-        self._unwrapped().on_epoch_start(epoch, self.steps_per_epoch)
+        self.unwrapped_objective.on_epoch_start(epoch, self.steps_per_epoch)
         update = _Update()
         loop.window.restart(time.monotonic())
         micro = 0
@@ -710,7 +712,7 @@ class Trainer:
     def _optimizer_update(self, update: _Update, loop: _Loop, epoch: int) -> tuple[float, Any]:
         """One optimizer update, or a skipped one after a non-finite loss; returns (lr, grad norm tensor or None)."""
         acc, r, o = self.accelerator, self.recipe.run, self.recipe.optim
-        lr = self._set_step_schedules(self.state.step)
+        lr = self.set_step_schedules(self.state.step)
         grad_norm = None
         (bad,) = self._any_rank(not bool(update.finite))  # the update's one host read of the step's results
         if bad:
@@ -727,11 +729,11 @@ class Trainer:
             loop.bad_in_a_row = 0
             if o.clip_grad > 0:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), o.clip_grad)  # read at the log row
-            self._unwrapped().before_optimizer_step(self.state.step, self.total_steps)
+            self.unwrapped_objective.before_optimizer_step(self.state.step, self.total_steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
-            hook_metrics = self._unwrapped().on_step_end(self.state.step, self.total_steps)
+            hook_metrics = self.unwrapped_objective.on_step_end(self.state.step, self.total_steps)
             update.metrics = {**update.metrics, **hook_metrics}
         if loop.progress is not None:
             loop.progress.update(1)
@@ -821,8 +823,6 @@ class Trainer:
         acc = self.accelerator
         backbone_dir, pictures = None, []
         if self.is_main:
-            from pretrain.backbone import export_backbone
-
             objective = self._plain_objective()
             backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats())
             objective.on_train_end(self.out_dir)
@@ -904,24 +904,7 @@ def loss_curve_png(metrics_path: Path, out: Path) -> Path | None:
     rows = [r for r in rows if "loss" in r and math.isfinite(r["loss"])]
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from shards.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return out
+    return curve_png([r["step"] for r in rows], [r["loss"] for r in rows], out, ylabel="loss", title="training loss")
 
 
 def train(recipe: Recipe) -> TrainResult:

@@ -65,6 +65,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import shuffle as buffer_shuffle
 
+from shards.lifeline import WorkerLifeline
 from shards.record import decode_image, image_extension, no_image_problem
 from shards.tar import PipeSourceError, StreamError, StreamWarning, iter_tar_samples, list_shards, open_shard
 
@@ -305,8 +306,6 @@ class ShardStream(IterableDataset):
             )
         if not dataloader_kwargs.pop("in_order", True):
             raise ValueError("in_order=False breaks the batch order that resume relies on")
-        from shards.lifeline import WorkerLifeline  # local: the rest of this module is edited elsewhere
-
         # Workers die with this process (SIGKILL of a rank), then run the caller's own worker_init_fn.
         dataloader_kwargs["worker_init_fn"] = WorkerLifeline(dataloader_kwargs.get("worker_init_fn"))
         generator = torch.Generator()

@@ -31,7 +31,7 @@ def main() -> None:
     trainer = Trainer(recipe)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     # A copy outside DDP: its parameters carry none of DDP's gradient hooks.
-    objective = copy.deepcopy(trainer._unwrapped())
+    objective = copy.deepcopy(trainer.unwrapped_objective)
     b = recipe.data.batch_size
     stream = ShardStream(recipe.data.train, batch_size=world * b, transform=objective.eval_transform(),
                          shuffle=False, rank=0, world_size=1)
@@ -62,7 +62,7 @@ def main() -> None:
 
     trainer.fit()
     digest = hashlib.sha256()
-    for n, p in sorted(trainer._unwrapped().named_parameters()):
+    for n, p in sorted(trainer.unwrapped_objective.named_parameters()):
         digest.update(n.encode() + p.detach().cpu().numpy().tobytes())
     report["params"] = digest.hexdigest()
     report["steps"] = trainer.state.step

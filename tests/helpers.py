@@ -71,3 +71,9 @@ def torchrun_two_cpu(script: Path, *args: str, timeout: float) -> subprocess.Com
            *map(str, args)]
     env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def kl_divergence(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q) = sum p (log p - log q): the reference for DINO's `st_kl` (loss - entropy)."""
+    p = p.float()
+    return (torch.special.xlogy(p, p) - p * log_q.float()).sum(dim=-1).mean()

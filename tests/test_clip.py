@@ -230,7 +230,7 @@ def test_trainer_steps_with_class_name_captions_lower_the_loss(digits_shards, tm
     # The run leaves the timm backbone (every objective) and the whole model for open_clip.
     backbone = load_backbone_from(out)
     oc = load_open_clip(out / "open_clip")
-    objective = trainer._unwrapped().eval()
+    objective = trainer.unwrapped_objective.eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(oc.visual.trunk(x), backbone(x))

@@ -11,12 +11,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, TINY_VIT, torchrun_two_cpu
+from helpers import ROOT, TINY_VIT, kl_divergence, torchrun_two_cpu
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
-from pretrain.monitors import CollapseMonitor, effective_rank, embedding_std, entropy, kl_divergence
+from pretrain.monitors import CollapseMonitor, effective_rank, embedding_std, entropy
 from pretrain.multicrop import MultiCropTransform, blur_kernel_size
 from pretrain.objectives import build_objective
 from pretrain.objectives.dino import (
@@ -337,7 +337,7 @@ def test_trainer_runs_dino_on_digits(digits_shards, tmp_path):
         "optim.warmup_steps=2", "run.visualize=true",
     ])
     trainer = Trainer(recipe)
-    dino = trainer._unwrapped()
+    dino = trainer.unwrapped_objective
     teacher0 = {k: v.clone() for k, v in dino.backbone.state_dict().items()}
     result = trainer.fit()
     assert result.steps == 12

@@ -108,7 +108,7 @@ def test_layer_decay_scales_block_lrs_as_timm(digits_shards, tmp_path):
     lr scale = layer_decay^(D + 1 - layer)."""
     decay, depth = 0.5, 2
     t = Trainer(supervised_recipe(digits_shards, tmp_path / "run", "optim.layer_decay=0.5", "optim.weight_decay=0.05"))
-    logged = t._set_step_schedules(0)
+    logged = t.set_step_schedules(0)
     lr_of, wd_of = {}, {}
     names = {id(p): n for n, p in t.objective.named_parameters()}
     for g in t.optimizer.param_groups:

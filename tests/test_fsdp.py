@@ -182,13 +182,13 @@ def test_checkpoints_move_between_one_process_two_sharded_and_back(objective, di
     # 2 sharded processes -> 1 process, global batch 32 -> 64: step 8 -> 4, same share of the epoch.
     out = tmp_path / "fsdp"
     t = Trainer(load_recipe(None, tiny_overrides(digits_shards, out, "run.max_steps=6", "data.batch_size=64", *extra)))
-    t._resume()
+    t.resume()
     assert (t.state.step, t.state.epoch, t.state.batches_done, t.state.samples_seen) == (4, 0, 4, state.samples_seen)
-    weights = t._unwrapped().state_dict()
+    weights = t.unwrapped_objective.state_dict()
     for k in pf:
         torch.testing.assert_close(weights[k], pf[k])
     name = ("student_" if objective == "dino" else "") + "backbone.blocks.0.attn.qkv.weight"  # a trained parameter
-    param = dict(t._unwrapped().named_parameters())[name]
+    param = dict(t.unwrapped_objective.named_parameters())[name]
     torch.testing.assert_close(t.optimizer.state[param]["exp_avg"], of["state"][name]["exp_avg"])
     # Run on to step 8 in the new units, with no periodic checkpoint: the step number of the checkpoint it resumed
     # from, at a later point of the run, so the final checkpoint must still be written (and replace it).

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from downstream.metrics import classification_metrics, confusion_matrix, per_class_accuracy, topk_accuracy
 from downstream.probe import (
     HeadwiseSGD,
     LinearHeads,
@@ -21,15 +22,11 @@ from downstream.probe import (
     Whiten,
     _fit,
     check_features,
-    classification_metrics,
-    confusion_matrix,
     held_out_split,
     knn_classify,
     knn_scores,
     linear_probe_dino,
     linear_probe_mae,
-    per_class_accuracy,
-    topk_accuracy,
 )
 from downstream.visualize import confusion_matrix_png
 

@@ -12,17 +12,15 @@ import torch
 from PIL import Image
 
 from downstream.contact_sheet import contact_sheet_png, thumbnail_png, to_image
+from downstream.metrics import approximate_recall, mean_average_precision, recall_at_k
 from downstream.retrieval import (
     INDEX_NAME,
     INFO_NAME,
     META_NAME,
     RetrievalError,
     RetrievalIndex,
-    approximate_recall,
     default_factory,
     exact_search,
-    mean_average_precision,
-    recall_at_k,
 )
 
 INFO = {"fingerprint": "ckpt-aaaa", "pooling": "cls"}
@@ -347,7 +345,7 @@ def test_recall_at_k_on_a_hand_made_case():
     retrieved = [[1, 0, 0], [1, 1, 2], [0, 0, -1]]
     assert recall_at_k(query, retrieved, ks=(1, 2, 3)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3),
                                                             3: pytest.approx(2 / 3)}
-    with pytest.raises(RetrievalError, match="recall@4 needs 1 <= k <= 3"):
+    with pytest.raises(ValueError, match="recall@4 needs 1 <= k <= 3"):
         recall_at_k(query, retrieved, ks=(4,))
 
 

@@ -92,7 +92,7 @@ def test_fit_to_max_minutes_completes_the_schedule_within_the_budget(digits_shar
         assert result.steps >= 0.9 * total
     assert last < 0.1 * peak
     again = Trainer(tiny_recipe(digits_shards, out, *extra))
-    again._resume()
+    again.resume()
     assert (again.total_steps, again.warmup_steps) == (state["total_steps"], state["warmup_steps"])
 
 

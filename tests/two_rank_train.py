@@ -18,7 +18,7 @@ from pretrain.trainer import Trainer
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     trainer = Trainer(load_recipe(None, overrides))
-    objective = trainer._unwrapped()
+    objective = trainer.unwrapped_objective
     seen: list[int] = []
     forward = objective.forward
 

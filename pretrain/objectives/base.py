@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.transforms import eval_transform, normalize_stats
+
 
 class Objective(nn.Module):
     """Base class. Subclasses set `self.backbone` (a timm VisionTransformer) in `__init__`."""
@@ -33,8 +35,6 @@ class Objective(nn.Module):
 
     def data_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) the views are normalised with: the subclass's, else the house default."""
-        from pretrain.transforms import normalize_stats
-
         if getattr(self, "mean", None) and getattr(self, "std", None):
             return tuple(self.mean), tuple(self.std)
         return normalize_stats(self.backbone.patch_embed.proj.in_channels)
@@ -45,8 +45,6 @@ class Objective(nn.Module):
 
     def eval_transform(self) -> Callable[[Any], Any]:
         """Deterministic per-sample transform (resize, normalise) for fixed visualisation batches."""
-        from pretrain.transforms import eval_transform
-
         pe = self.backbone.patch_embed
         return eval_transform(pe.img_size[0], pe.proj.in_channels, *self.data_stats())
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -325,8 +326,6 @@ def export_open_clip(objective: CLIP, out_dir: str | Path) -> Path:
     path; after moving the folder use `load_open_clip`). open_clip's image preprocessing is RGB-only: for a
     1-channel tower, feed tensors made with `pretrain.transforms.eval_transform` and the recorded mean/std.
     """
-    from timm.models._hub import save_config_for_hf
-
     objective = getattr(objective, "_orig_mod", objective)
     out = Path(out_dir)
     b = objective.backbone

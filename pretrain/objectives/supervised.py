@@ -34,6 +34,7 @@ from pretrain.objectives import register
 from pretrain.objectives.base import Objective
 from pretrain.pooling import pool_tokens
 from pretrain.recipe import SupervisedConfig
+from pretrain.restore import load_backbone_from
 from pretrain.transforms import crop_transform, resolve_stats
 from shards.tar import manifest_for
 
@@ -293,8 +294,6 @@ def build(recipe: Recipe) -> Supervised:
     backbone = create_backbone(recipe.model)
     mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean else (None, None)
     if cfg.init_from:
-        from pretrain.restore import load_backbone_from
-
         pretrained = load_backbone_from(cfg.init_from)
         load_pretrained(backbone, pretrained, f"objective.supervised.init_from={cfg.init_from}")
         if mean is None:
