@@ -66,7 +66,7 @@ from pretrain.monitors import effective_rank
 from pretrain.pooling import pool_tokens
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
-from shards.record import image_extension
+from shards.record import image_extension, read_label
 from shards.stream import ShardStream
 from shards.tar import iter_source_samples, list_shards, manifest_class_names
 
@@ -147,13 +147,10 @@ class EvalSplit:
 
 
 def _label(files: dict[str, bytes]) -> int | None:
-    if "__bad__" in files or "cls" not in files or image_extension(files) is None:
+    if "__bad__" in files or image_extension(files) is None:
         return None
-    try:
-        label = int(files["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return label if label >= 0 else None
+    label = read_label(files)
+    return label if label is not None and label >= 0 else None
 
 
 def _source_stamp(source: str, allow_pipe: bool) -> list:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, load_manifest
-from shards.record import image_extension
+from shards.record import image_extension, parse_label
 from shards.sources import normalize_mode
 from shards.tar import iter_tar_samples, open_shard
 
@@ -68,12 +68,10 @@ def _decode(files: dict[str, bytes]) -> Image.Image | None:
 
 
 def _label(files: dict[str, bytes], where: str) -> int | None:
-    if "cls" not in files:
-        return None
     try:
-        return int(files["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"{where}: bad label {files['cls'][:20]!r} (run verify)") from None
+        return parse_label(files)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} (run verify)") from None
 
 
 def info(folder: str | Path, grid_png: str | Path | None = None, per_class: int = 8, max_rows: int = 20) -> ShardSetInfo:

@@ -85,9 +85,19 @@ def read_image(files: dict[str, bytes]) -> Image.Image | None:
         return None
 
 
+def parse_label(files: dict[str, bytes]) -> int | None:
+    """The sample's `.cls` as an int, None when it has none; ValueError (saying what is there) when it is not one."""
+    if "cls" not in files:
+        return None
+    try:
+        return int(files["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f".cls is not an integer: {files['cls'][:20]!r}") from None
+
+
 def read_label(files: dict[str, bytes]) -> int | None:
     """The sample's `.cls` as an int, or None when it has none or it is not an integer."""
     try:
-        return int(files["cls"].decode("ascii").strip()) if "cls" in files else None
-    except (UnicodeDecodeError, ValueError):
+        return parse_label(files)
+    except ValueError:
         return None

@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import shuffle as buffer_shuffle
 
 from shards.lifeline import WorkerLifeline
-from shards.record import decode_image, image_extension, no_image_problem
+from shards.record import decode_image, image_extension, no_image_problem, parse_label
 from shards.tar import PipeSourceError, StreamError, StreamWarning, iter_tar_samples, list_shards, open_shard
 
 REQUIRABLE = ("label", "caption")
@@ -428,14 +428,14 @@ class ShardStream(IterableDataset):
             image = decode_image(files[ext])  # 8-bit L/RGB: high bit depth scaled, transparency onto white
         except Exception as e:  # PIL raises many types for damaged data; each means the same here
             return f"unreadable image ({type(e).__name__}: {e})"
-        label = -1
-        if "cls" in files:
-            try:
-                label = int(files["cls"].decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                return f".cls is not an integer: {files['cls'][:20]!r}"
-        elif "label" in self.require:
-            return "no label (.cls) but require has 'label'"
+        try:
+            label = parse_label(files)
+        except ValueError as e:
+            return str(e)
+        if label is None:
+            if "label" in self.require:
+                return "no label (.cls) but require has 'label'"
+            label = -1
         caption = ""
         if "txt" in files:
             try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
-from shards.record import image_extension, no_image_problem
+from shards.record import image_extension, no_image_problem, parse_label
 from shards.sources import ALPHA_COMPOSITED, normalize_image
 from shards.tar import iter_tar_samples, open_shard
 
@@ -84,14 +84,13 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest, convert
         wrong.append(no_image_problem(files))
     else:
         wrong += _check_image(ext, files[ext], manifest, converted)
-    if "cls" in files:
-        try:
-            label = int(files["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            wrong.append(f"bad label {files['cls'][:20]!r}: not an integer")
-        else:
-            if manifest.classes and not 0 <= label < len(manifest.classes):
-                wrong.append(f"bad label {label}: out of range for {len(manifest.classes)} classes")
+    try:
+        label = parse_label(files)
+    except ValueError:
+        wrong.append(f"bad label {files['cls'][:20]!r}: not an integer")
+    else:
+        if label is not None and manifest.classes and not 0 <= label < len(manifest.classes):
+            wrong.append(f"bad label {label}: out of range for {len(manifest.classes)} classes")
     if "txt" in files:
         try:
             files["txt"].decode("utf-8")
