@@ -18,6 +18,8 @@
                                              QUERY_SHARDS the index queries itself, each member leaving itself out
   query DIR (--image FILE|FOLDER|@LIST... | --shards SET... | --key KEY... | --text T...) [--jsonl OUT|-] [--quiet]
                                              top-k neighbours as a table / JSON lines, plus a contact-sheet PNG
+  serve DIR [DIR ...] [--host 127.0.0.1] [--port 8000]
+                                             the index(es) as an HTTP service with a search page (FastAPI)
 
 Exit status: 0 done, 1 bad input (a clear message on stderr), 2 usage error.
 """
@@ -206,6 +208,14 @@ def _query(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from downstream.serve_app import serve
+
+    serve(a.index, host=a.host, port=a.port, checkpoint=a.checkpoint, max_upload_bytes=a.max_upload_mb * 2**20,
+          max_pixels=a.max_pixels, max_k=a.max_k, poll_s=a.poll, access_log=not a.no_access_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m downstream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=256, help="queries embedded and searched together")
     q.add_argument("--cache-dir", default=None, help="reuse features of query shard sets embedded before")
     q.set_defaults(run=_query)
+
+    sv = verbs.add_parser("serve", help="serve index folders over HTTP: a search API and a page (FastAPI)")
+    sv.add_argument("index", nargs="+", help="index folder(s); a request picks one by folder name (?index=NAME)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in each index")
+    sv.add_argument("--max-upload-mb", type=int, default=10, help="largest request body, in MiB")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest uploaded image, in pixels")
+    sv.add_argument("--max-k", type=int, default=100, help="most hits one search may ask for")
+    sv.add_argument("--poll", type=float, default=1.0,
+                    help="seconds between checks of the folders for a new version (`index add`); 0: only on "
+                         "POST /reload")
+    sv.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    sv.set_defaults(run=_serve)
     return parser
 
 

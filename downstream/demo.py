@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -183,7 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in pictures.items():
         print(f"  {name:<28} {path}")
     print(f"  summary JSON                 {out / 'summary.json'}")
+    print(f"\nSearch the index in a browser (http://127.0.0.1:8000/):\n  {_serve_command(index_dir)}")
     return 0
+
+
+def _serve_command(index_dir: Path) -> str:
+    """The command that serves the demo's index, as run from here: this interpreter (relative when it lives
+    below the working folder, like make's .venv) and the index path as the demo was given it."""
+    python = os.path.abspath(sys.executable)  # not resolved: a venv's python is a link out of the venv
+    if Path(python).is_relative_to(Path.cwd()):
+        python = os.path.relpath(python)
+    return shlex.join([python, "-m", "downstream", "serve", str(index_dir)])
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def build_index(
     return index
 
 
-def _open_for(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None):
+def open_index(index_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> tuple[RetrievalIndex, Embedder]:
     """The index and the backbone that made it (the index's own checkpoint unless another one is given,
     which must then have the same fingerprint)."""
     index = RetrievalIndex.load(index_dir)
@@ -239,7 +239,7 @@ def add_to_index(
     thumbnails: bool = True,
 ) -> RetrievalIndex:
     """Embed `source` with the index's backbone and append it; the folder is rewritten atomically."""
-    index, embedder = _open_for(index_dir, checkpoint)
+    index, embedder = open_index(index_dir, checkpoint)
     vectors, feats = embedder.shards(source, cache_dir, batch_size, num_workers)
     index.add(vectors.numpy(), metadata_rows(source, feats.keys, thumbnails=thumbnails))
     index.info["sources"] = [*index.info.get("sources", []), str(source)]
@@ -274,7 +274,7 @@ def evaluate_index(
         _check_values(index_values, name, f"the index at {index_dir}")
         got = index.evaluate_against_self(ks, relevant=spec)
     else:
-        index, embedder = _open_for(index_dir, checkpoint)
+        index, embedder = open_index(index_dir, checkpoint)
         vectors, feats = embedder.shards(queries, cache_dir, batch_size)
         if name == "label":
             values = [None if v < 0 else int(v) for v in feats.labels.tolist()]
@@ -485,7 +485,7 @@ def query_index(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_inputs or shard_sets or texts:
-        index, embedder = _open_for(index_dir, checkpoint)
+        index, embedder = open_index(index_dir, checkpoint)
     else:
         index, embedder = RetrievalIndex.load(index_dir), None
     result = QueryResult([], [], None, {k: index.info.get(k) for k in ("fingerprint", "pooling", "count")})

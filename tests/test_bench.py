@@ -42,6 +42,9 @@ WRITE_WORKERS = {"images_per_s": float, "runs_images_per_s": list, "best_s": flo
 E2E_MODE = {"images_per_s": float, "runs": list, "ratio_to_step": float}
 GPU_CHECK_PART = {"status": str, "seconds": float, "budget_s": NUM}  # run_part's own keys, beside the part's
 
+SERVE_LEVEL = {"clients": int, "requests": int, "qps": float, "p50_ms": float, "p99_ms": float, "errors": int,
+               "python_qps": float, "service_over_python": float}
+SERVE_PYTHON = {"batch": int, "qps": float, "p50_ms": float, "p99_ms": float}
 STEP_SYNCS = {"updates": int, "per_update": NUM, "per_logged_update": NUM, "total_reads": int,
               "update_ms_median": float, "sites": dict}
 EXPECTED: dict[str, dict] = {
@@ -103,6 +106,13 @@ EXPECTED: dict[str, dict] = {
                       "exact": EXACT_INDEX, "ivf": APPROXIMATE_INDEX, "hnsw": APPROXIMATE_INDEX,
                       "ivf_vs_hnsw": {"build_s_ratio": float, "qps_ratio": float}},
         "total_s": float,
+    },
+    "serve.py": {
+        "bench": str, "quick": bool, "threads": int, "cpu_count": int, "index": dict, "k": int,
+        "requests_per_level": int, "image": {c: SERVE_LEVEL for c in ("1", "8", "32")},
+        "text": {c: SERVE_LEVEL for c in ("1", "8", "32")},
+        "python": {kind: {b: SERVE_PYTHON for b in ("1", "8", "32")} for kind in ("image", "text")},
+        "seconds": float,
     },
     "shards_stream.py": {
         "benchmark": str, "quick": bool, "images": int, "image": str, "batch_size": int, "repeats": int,
