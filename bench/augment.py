@@ -66,12 +66,12 @@ def settings(gray: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 32, 3 rounds: a smoke check, same JSON shape")
+    ap.add_argument("--quick", action="store_true", help="batch 16, 2 rounds: a smoke check, same JSON shape")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    batch, rounds = (32, 3) if a.quick else (a.batch, a.rounds)
+    batch, rounds = (16, 2) if a.quick else (a.batch, a.rounds)
     device = torch.device(a.device)
     started = time.perf_counter()
     gray, data = source_images(batch)

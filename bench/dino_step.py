@@ -41,28 +41,29 @@ VARIANTS = {"multicrop": [], "global_only": ["objective.dino.local_crops_number=
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small batch, few steps (< 30 s), same JSON shape")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (quick: 32)")
+    ap.add_argument("--quick", action="store_true", help="batch 16, 2 blocks, few steps (a smoke check), same JSON shape")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (quick: 16)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5, quick 2)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
-    ap.add_argument("--transform-samples", type=int, default=None, help="default 300 (quick 50)")
+    ap.add_argument("--transform-samples", type=int, default=None, help="default 300 (quick 30)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 5)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.transform_samples = args.transform_samples or (50 if args.quick else 300)
+    args.transform_samples = args.transform_samples or (30 if args.quick else 300)
     return args
 
 
 def build(overrides: list[str], args: argparse.Namespace):
     torch.manual_seed(0)  # both variants start from the same weights
     # augment=pil: the per-sample view transform is what transform_rate measures (the recipe makes batched views)
-    recipe = load_recipe(RECIPE, ["objective.dino.augment=pil", *overrides])
+    quick = ["model.depth=2"] if args.quick else []  # --quick: 2 of the recipe's 4 blocks, the same code path
+    recipe = load_recipe(RECIPE, ["objective.dino.augment=pil", *quick, *overrides])
     dino: DINO = build_objective(recipe).to(args.device).train()
     o = recipe.optim
     opt = create_optimizer_v2(dino, o.name, lr=1e-4, weight_decay=o.weight_decay, betas=tuple(o.betas))
-    b = args.batch_size or (32 if args.quick else recipe.data.batch_size)
+    b = args.batch_size or (16 if args.quick else recipe.data.batch_size)
     c, g, d = dino.in_chans, dino.global_size, dino.cfg
     views = [torch.randn(b, c, g, g, device=args.device) for _ in range(2)]
     views += [torch.randn(b, c, d.local_crop_size, d.local_crop_size, device=args.device)

@@ -15,8 +15,8 @@ evaluations on its frozen features, each with its ratio to raw pixels by the sam
 
 The data is read from VITSSL_FMNIST_DIR (default ../shared/datasets/fashion-mnist beside the project). For a
 checkpoint without `--train-shards/--test-shards` the IDX files are written as shards to a temporary folder.
-`--quick`: the first 2,000 train / 1,000 test images, short probes on narrow grids, a 3-value C grid, 2 seeds at
-1 and 10 labels per class; same JSON shape, a smoke check (< 30 s with a tiny backbone), not a result.
+`--quick`: the first 600 train / 300 test images, short probes on narrow grids, a 3-value C grid (50 iterations),
+2 seeds at 1 and 10 labels per class; same JSON shape, a smoke check, not a result.
 `--train-limit/--test-limit/--min-steps` make a reduced full run (the README says which one it ran). Run with
 OMP_NUM_THREADS set to the cores you mean to use.
 """
@@ -58,7 +58,7 @@ PAPER = {
     "knn": {"top1": 0.854, "what": "KNeighborsClassifier on raw pixels, best setting (Xiao et al. 2017)"},
     "finetune": {"top1": 0.923, "what": "tiny ViT trained from scratch, 200 epochs (issue 4's reference)"},
 }
-QUICK_SIZES = (2000, 1000)
+QUICK_SIZES = (600, 300)
 LINEAR_PROBES = ("linear probe (DINO protocol)", "linear probe (MAE protocol)")
 
 
@@ -70,8 +70,8 @@ def protocols(quick: bool, min_steps: int | None = None) -> dict:
     Quick: short runs on narrow grids (a smoke check of the code path, same JSON shape)."""
     classes = list(FASHION_MNIST_CLASSES)
     if quick:
-        dino = dict(epochs=5, min_steps=60, base_lrs=(0.1, 1.0), weight_decays=(0.0, 1e-3), max_grid_extensions=0)
-        mae = dict(epochs=5, warmup_epochs=1, batch_size=512, min_steps=60, base_lrs=(1.0, 10.0),
+        dino = dict(epochs=5, min_steps=20, base_lrs=(0.1, 1.0), weight_decays=(0.0, 1e-3), max_grid_extensions=0)
+        mae = dict(epochs=5, warmup_epochs=1, batch_size=512, min_steps=20, base_lrs=(1.0, 10.0),
                    weight_decays=(0.0, 1e-3), max_grid_extensions=0)
     else:
         steps = {} if min_steps is None else {"min_steps": min_steps}
@@ -99,7 +99,7 @@ def sklearn_logistic_regression(
 
     started = time.perf_counter()
     # Half-decades of C: a reference tuned at least as finely as the probes' weight decays (C ~ 1 / (wd * n)).
-    cs, max_iter = ((0.01, 0.1, 1.0), 100) if quick else (tuple(10.0 ** np.arange(-4, 1.01, 0.5)), 1000)
+    cs, max_iter = ((0.01, 0.1, 1.0), 50) if quick else (tuple(10.0 ** np.arange(-4, 1.01, 0.5)), 1000)
     fit, held = held_out_split(train_y, held_out_fraction, seed)
     x, y = train_x.numpy(), train_y.numpy()
     scaler = StandardScaler().fit(x[fit])
@@ -187,7 +187,7 @@ def efficiency(features: str, data: tuple, quick: bool, shots, seeds: int, out: 
                min_steps: int | None = None) -> dict:  # fmt: skip
     """Label-efficiency table on one feature set: the DINO-protocol linear probe and k-NN from k labels per class
     (subsets drawn from train only, per seed), scored on the whole test split; mean ± std over seeds."""
-    probe = {"min_steps": 60, "epochs": 5, "base_lrs": (0.1, 1.0), "weight_decays": (0.0, 1e-3),
+    probe = {"min_steps": 20, "epochs": 5, "base_lrs": (0.1, 1.0), "weight_decays": (0.0, 1e-3),
              "max_grid_extensions": 0} if quick else ({} if min_steps is None else {"min_steps": min_steps})
     result = label_efficiency(*data, shots=shots, seeds=seeds, methods=("linear", "knn"), protocol="dino",
                               classes=list(FASHION_MNIST_CLASSES), probe_kwargs=probe,
@@ -220,7 +220,7 @@ def finetune_row(checkpoint: str | None, recipe: str | None, *, quick: bool) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2,000 train / 1,000 test, short probes (< 30 s)")
+    ap.add_argument("--quick", action="store_true", help="600 train / 300 test, short probes (a smoke check)")
     ap.add_argument("--data", type=Path, default=FMNIST_DIR, help="folder with the four IDX files")
     ap.add_argument("--checkpoint", help="run folder, checkpoint or exported backbone to evaluate")
     ap.add_argument("--pooling", default="cls", help="cls, mean or lastN (e.g. last4)")

@@ -3,7 +3,7 @@
   1. `throughput`: MAE ViT-B/16 and DINO ViT-S/16 training images/s and MFU: `bench/gpu_throughput.py`'s
      `measure` (its own JSON under `gpu_throughput`, the headline numbers beside).
   2. `precision`: every objective (MAE, DINO, CLIP, supervised; the Fashion-MNIST recipes under recipes/, built
-     with `load_recipe` + `build_objective`) trains PARITY_STEPS steps in bf16 autocast and in strict fp32 (TF32
+     with `load_recipe` + `build_objective`) trains PARITY_STEPS steps (--quick: PARITY_STEPS_QUICK) in bf16 autocast and in strict fp32 (TF32
      off) from the same initial weights, the same batches (the objective's own train_transform on scikit-learn's
      digits, made once) and the same random streams (masks, drop path). The step is the trainer's: forward
      under autocast, backward, grad clip (recipe), `before_optimizer_step`, AdamW as the trainer builds it
@@ -69,6 +69,7 @@ BUDGET = {"throughput": 100, "precision": 45, "augment": 25, "fmnist_dino": 280}
 BUDGET_QUICK = {"throughput": 60, "precision": 60, "augment": 40, "fmnist_dino": 30}
 FMNIST_MINUTES = 3.0
 PARITY_STEPS = 20
+PARITY_STEPS_QUICK = 6  # --quick (the CPU smoke): the same comparison over fewer updates
 PARITY_TOL = 0.05  # |final loss bf16 - fp32| / |fp32|
 PARITY_RECIPES = {
     "mae": ("recipes/mae_vit_tiny_fmnist.yaml", []),
@@ -164,11 +165,12 @@ def parity_recipe(kind: str, quick: bool):
     return path, load_recipe(ROOT / path, overrides)
 
 
-def digits_batches(obj, batch_size: int, n_batches: int) -> list[dict[str, Any]]:
-    """`n_batches` collated batches of the objective's own training views of scikit-learn's digits (seeded)."""
+def digits_batches(obj, batch_size: int, n_batches: int, source=None) -> list[dict[str, Any]]:
+    """`n_batches` collated batches of the objective's own training views of scikit-learn's digits (seeded);
+    `source`: a `digits_source()` already loaded (--quick loads it once for the four objectives)."""
     from shards.sources import digits_source
 
-    samples = list(itertools.islice(iter(digits_source()), batch_size * n_batches))
+    samples = list(itertools.islice(iter(source if source is not None else digits_source()), batch_size * n_batches))
     while len(samples) < batch_size * n_batches:  # 1,797 digits: cycle for large batches
         samples += samples[: batch_size * n_batches - len(samples)]
     torch.manual_seed(0)
@@ -248,8 +250,14 @@ def rel(a: float, b: float) -> float | None:
 
 
 def part_precision(quick: bool, device: torch.device) -> dict[str, Any]:
+    steps = PARITY_STEPS_QUICK if quick else PARITY_STEPS
+    digits = None
+    if quick:
+        from shards.sources import digits_source
+
+        digits = digits_source()
     out: dict[str, Any] = {
-        "steps": PARITY_STEPS, "tolerance_rel_final_loss": PARITY_TOL,
+        "steps": steps, "tolerance_rel_final_loss": PARITY_TOL,
         "bf16": f"torch.autocast({device.type!r}, bfloat16) (what Accelerate's run.precision=bf16 enters)",
         "fp32": "no autocast, TF32 off (matmul and cuDNN)",
         "inputs": "the objective's train_transform on scikit-learn digits, made once, the same for both",
@@ -262,10 +270,10 @@ def part_precision(quick: bool, device: torch.device) -> dict[str, Any]:
             path, recipe = parity_recipe(kind, quick)
             torch.manual_seed(0)
             obj0 = build_objective(recipe)
-            batches = digits_batches(obj0, recipe.data.batch_size, 2 if quick else 4)
-            bf = train_losses(obj0, recipe, batches, device, True, PARITY_STEPS)
+            batches = digits_batches(obj0, recipe.data.batch_size, 2 if quick else 4, digits)
+            bf = train_losses(obj0, recipe, batches, device, True, steps)
             with strict_fp32():
-                fp = train_losses(obj0, recipe, batches, device, False, PARITY_STEPS)
+                fp = train_losses(obj0, recipe, batches, device, False, steps)
             finite = all(math.isfinite(x) for x in bf + fp)
             r_final, r_first = rel(bf[-1], fp[-1]), rel(bf[0], fp[0])
             passed = finite and r_final is not None and r_final <= PARITY_TOL
@@ -304,7 +312,7 @@ def part_augment(quick: bool, device: torch.device) -> dict[str, Any]:
     from pretrain.transforms import normalize_stats
 
     seeds_for = getattr(augment, "sample_seeds", None)
-    batch, reps, warmup = (8, 2, 1) if quick else (128, 10, 2)
+    batch, reps, warmup = (4, 1, 1) if quick else (128, 10, 2)
     out: dict[str, Any] = {"callable": "pretrain.augment.BatchedMultiCrop", "batch_size": batch, "timed_calls": reps,
                            "input": "random uint8 images on the device; images/s = batch x calls / seconds"}
     for name, path in AUGMENT_RECIPES.items():
@@ -340,7 +348,7 @@ def part_augment(quick: bool, device: torch.device) -> dict[str, Any]:
 
 
 def write_shards(data: Path, quick: bool) -> dict[str, Any]:
-    """data/train + data/val from Fashion-MNIST's IDX files (quick: the first 1,000 / 300), else the digits."""
+    """data/train + data/val from Fashion-MNIST's IDX files (quick: the first 400 / 200), else the digits."""
     from shards.sources import digits_source, find_mnist_files, mnist_splits
     from shards.writer import write_shard_set, write_split_shard_sets
 
@@ -351,11 +359,11 @@ def write_shards(data: Path, quick: bool) -> dict[str, Any]:
         write_split_shard_sets(src, data, val_fraction=0.2, seed=0, classes=src.classes, source=src.description)
         return {"source": "digits (scikit-learn 8x8, shards.sources.digits_source; val 20% by key hash)",
                 "fashion_mnist": f"absent: {e}", "fmnist_dir": str(FMNIST_DIR)}
-    limits = {"train": 1000, "val": 300} if quick else {}
+    limits = {"train": 400, "val": 200} if quick else {}
     for split, src in mnist_splits(FMNIST_DIR, _fmnist_classes()).items():
         samples = itertools.islice(iter(src), limits[split]) if split in limits else src
         write_shard_set(samples, data / split, classes=src.classes, source=src.description, split=split)
-    return {"source": "fashion-mnist" + (" (quick: first 1,000 train / 300 test)" if quick else " (60,000 / 10,000)"),
+    return {"source": "fashion-mnist" + (" (quick: first 400 train / 200 test)" if quick else " (60,000 / 10,000)"),
             "fmnist_dir": str(FMNIST_DIR)}
 
 

@@ -41,7 +41,7 @@ TARGET_SPEEDUP = 2.5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small batch, few steps (< 30 s), same JSON shape")
+    ap.add_argument("--quick", action="store_true", help="small batch, 2 blocks, few steps, memory workers side by side (a smoke check), same JSON shape")
     ap.add_argument("--batch-size", type=int, default=None, help="default 64 (quick: 16)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5, quick 2)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
@@ -115,13 +115,37 @@ def memory_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mib": round(rss_mib("VmHWM") - before, 1)}))
 
 
-def cpu_peak_mib(args: argparse.Namespace, variant: str) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant,
+def memory_worker_cmd(args: argparse.Namespace, variant: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant,
            "--batch-size", str(args.batch_size), "--mask-ratio", str(args.mask_ratio),
            "--decoder-embed-dim", str(args.decoder_embed_dim), "--decoder-depth", str(args.decoder_depth), "--depth", str(args.depth),
            "--decoder-num-heads", str(args.decoder_num_heads), "--threads", str(args.threads), "--device", "cpu"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def peak_from(stdout: str) -> float:
+    return json.loads(stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def cpu_peak_mib(args: argparse.Namespace, variant: str) -> float:
+    out = subprocess.run(memory_worker_cmd(args, variant), capture_output=True, text=True, check=True)
+    return peak_from(out.stdout)
+
+
+def start_memory_workers(args: argparse.Namespace) -> dict[str, subprocess.Popen]:
+    """--quick on CPU: both memory workers started at once, beside the timing (their torch imports are most of a
+    quick run's wall time); each is still its own fresh process, so its peak RSS is its own."""
+    return {name: subprocess.Popen(memory_worker_cmd(args, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for name in VARIANTS}
+
+
+def collect_memory_workers(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
+    peaks = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, stdout, stderr)
+        peaks[name] = peak_from(stdout)
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    early = start_memory_workers(args) if args.quick and device.type != "cuda" else None
     images = torch.randn(args.batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device)
     models = {name: build(args, flag) for name, flag in VARIANTS.items()}
     for mae, opt in models.values():
@@ -146,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     if device.type != "cuda":
         del models  # the memory workers run one at a time; free this process's share first
-        peak = {name: cpu_peak_mib(args, name) for name in VARIANTS}
+        peak = collect_memory_workers(early) if early else {name: cpu_peak_mib(args, name) for name in VARIANTS}
 
     n = 49
     kept = num_kept(n, args.mask_ratio)
@@ -168,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_method": (
             "torch.cuda.max_memory_allocated" if device.type == "cuda"
             else "CPU: fresh subprocess per variant, peak RSS (VmHWM) minus RSS before the first of 2 steps"
+            + (" (--quick: both subprocesses run at once, beside the timing)" if early else "")
         ),
     }
     for name, flag in VARIANTS.items():

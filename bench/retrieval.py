@@ -8,7 +8,7 @@ Two datasets:
 
 For each index: build seconds (IVF/HNSW include tuning nprobe/efSearch to recall@10 >= 0.95 on members),
 queries/s, recall@10 against exact search, and throughput as a multiple of exact search.
-`--quick` runs the same with 5,000 images and 20,000 vectors (< 30 s).
+`--quick` runs the same with 2,000 images and 4,000 vectors, 100 queries, one timing each (a smoke check).
 
     python bench/retrieval.py [--quick] [--threads 2]
 """
@@ -149,9 +149,9 @@ def main() -> None:
     args = ap.parse_args()
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    n_fmnist, n_clustered = (5_000, 20_000) if args.quick else (70_000, 1_000_000)
-    n_queries = 300 if args.quick else 2_000
-    repeats = 2 if args.quick else 3
+    n_fmnist, n_clustered = (2_000, 4_000) if args.quick else (70_000, 1_000_000)
+    n_queries = 100 if args.quick else 2_000
+    repeats = 1 if args.quick else 3
     t0 = time.perf_counter()
     result: dict = {
         "bench": "retrieval",

@@ -8,7 +8,7 @@ batch 256, shuffled, for 0, 1 and 2 workers; images/s cover one whole epoch incl
 Two side measurements justify hand-written pieces: the tar parser in shards.stream vs webdataset's
 tarfile-based one (samples/s, one process, no decode), and `to_float_tensor` vs transforms.v2
 `pil_to_tensor` + `to_dtype` (microseconds per image; both give identical tensors).
-`--quick` uses 2,500 images (< 30 s); the default 20,000.
+`--quick` uses 600 images in 3 shards, batches of 100 and one epoch each (a smoke check); the default 20,000.
 
     python bench/shards_stream.py [--quick] [--images N] [--batch-size 256]
 """
@@ -52,7 +52,7 @@ def open_keeping_mode(path: str) -> Image.Image:
     return image
 
 
-def write_data(root: Path, n: int) -> tuple[Path, Path, int]:
+def write_data(root: Path, n: int, per_shard: int = 1000) -> tuple[Path, Path, int]:
     images, labels = find_mnist_files(FMNIST_DIR)["train"]
     source = idx_source(images, labels)
     shards = root / "shards"
@@ -61,7 +61,7 @@ def write_data(root: Path, n: int) -> tuple[Path, Path, int]:
         shards,
         classes=source.classes,
         source=source.description,
-        samples_per_shard=1000,
+        samples_per_shard=per_shard,
     )
     folder = root / "imagefolder"
     for tar in sorted(shards.glob("*.tar")):  # the very bytes the shards hold, one PNG file each
@@ -125,19 +125,23 @@ def conversion_us(folder: Path, n: int = 2000) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2,500 images (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="600 images, batch 100, 1 epoch each (a smoke check)")
     parser.add_argument(
-        "--images", type=int, default=0, help="images to use (default 20,000; 2,500 with --quick)"
+        "--images", type=int, default=0, help="images to use (default 20,000; 600 with --quick)"
     )
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2, help="epochs per alternative; the best counts")
+    parser.add_argument("--batch-size", type=int, default=0, help="default 256 (100 with --quick)")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="epochs per alternative; the best counts (default 2; 1 with --quick)")
     args = parser.parse_args()
-    n = args.images or (2500 if args.quick else 20000)
+    n = args.images or (600 if args.quick else 20000)
+    args.batch_size = args.batch_size or (100 if args.quick else 256)
+    args.repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         start = time.perf_counter()
-        shards, folder, n = write_data(Path(tmp), n)
+        # --quick: 200 per shard, so that 2 workers still split several shards
+        shards, folder, n = write_data(Path(tmp), n, 200 if args.quick else 1000)
         write_seconds = time.perf_counter() - start
         results = {}
         for workers in WORKERS:

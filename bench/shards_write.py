@@ -13,7 +13,7 @@ images/s = images / wall seconds of the whole `write_shard_set` call (manifest a
 the repeats. `ratio_workers2_over_workers1` is the speed-up; `identical_shards` says both outputs' shard
 sha256 lists are equal (parallel == serial byte for byte; the bench fails when they are not).
 Set OMP_NUM_THREADS (1 on a shared box).
-`--quick` uses 400 images and one repeat (< 30 s); the default 2,000 images, 2 repeats.
+`--quick` uses 120 images of 128x96 and one repeat (a smoke check); the default 2,000 images of 256x192, 2 repeats.
 
     python bench/shards_write.py [--quick] [--images N] [--size S] [--repeats R]
 """
@@ -97,12 +97,12 @@ def write_once(folder: Path, out: Path, workers: int) -> tuple[float, list[str],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="400 images, 1 repeat (< 30 s); same JSON shape")
+    parser.add_argument("--quick", action="store_true", help="120 images of 128x96, 1 repeat (a smoke check); same JSON shape")
     parser.add_argument(
-        "--images", type=int, default=0, help="images in the folder (default 2,000; 400 with --quick)"
+        "--images", type=int, default=0, help="images in the folder (default 2,000; 120 with --quick)"
     )
     parser.add_argument(
-        "--size", type=int, default=256, help="source image width S; height 3S/4 (default 256)"
+        "--size", type=int, default=0, help="source image width S; height 3S/4 (default 256; 128 with --quick)"
     )
     parser.add_argument(
         "--repeats",
@@ -111,7 +111,8 @@ def main() -> None:
         help="writes per worker count, alternating; the best counts (default 2; 1 with --quick)",
     )
     args = parser.parse_args()
-    n = args.images or (400 if args.quick else 2000)
+    n = args.images or (120 if args.quick else 2000)
+    args.size = args.size or (128 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 2)
     load_start = [round(x, 2) for x in os.getloadavg()]
 
