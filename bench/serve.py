@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from downstream.search import HIT_FIELDS, build_index, open_index  # noqa: E402
-from downstream.serve_app import decode_image  # noqa: E402
+from downstream.serve_app import decode_upload  # noqa: E402
 from pretrain.backbone import create_backbone, export_backbone  # noqa: E402
 from pretrain.objectives.clip import CLIP, export_open_clip  # noqa: E402
 from pretrain.recipe import CLIPConfig, ModelConfig  # noqa: E402
@@ -172,7 +172,7 @@ def main() -> None:
         for kind, (_, folder, queries) in kinds.items():
             index, embedder = open_index(folder, None)  # the index's own checkpoint, as the server loads it
             if kind == "image":
-                queries = [decode_image(b) for b in queries]
+                queries = [decode_upload(b) for b in queries]
             embed = embedder.images if kind == "image" else embedder.texts
             python[kind] = {str(b): load_python(index, embed, queries, b) for b in CLIENTS}
     for kind in kinds:

@@ -46,7 +46,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsaf
 SEARCH_FIELDS = {"image", "key", "text", "k", "label"}
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Uploaded bytes -> a loaded PIL image (first frame); `ServeError` for an empty file (400), a non-image
     (415) or more than `max_pixels` pixels (413), checked from the header before any pixel is decoded."""
     if not data:
@@ -188,7 +188,7 @@ def create_app(
             if extra:
                 raise ServeError(400, f"unknown field(s) {sorted(extra)}; a multipart search takes image, k, label")
             k, label = _int_field("k", fields.get("k")), _int_field("label", fields.get("label"))
-            image = await run_in_threadpool(decode_image, data, max_pixels)  # off the event loop: up to 16.8 Mpx
+            image = await run_in_threadpool(decode_upload, data, max_pixels)  # off the event loop: up to 16.8 Mpx
             return Query(image=image, k=10 if k is None else k, label=label), {"kind": "image", "filename": filename}
         if ctype == "application/json":
             try:

@@ -24,7 +24,7 @@ from downstream.__main__ import main
 from downstream.retrieval import RetrievalIndex
 from downstream.search import build_index, query_index
 from downstream.serve import IndexService, Query, ServeError
-from downstream.serve_app import MAX_PIXELS, create_app, decode_image
+from downstream.serve_app import MAX_PIXELS, create_app, decode_upload
 from pretrain.backbone import create_backbone, export_backbone
 from pretrain.objectives.clip import CLIP, export_open_clip
 from pretrain.recipe import CLIPConfig, ModelConfig
@@ -200,7 +200,7 @@ def test_queries_waiting_together_are_embedded_in_one_batch_and_fail_alone(serve
             snap.embedder.images = lambda batch: calls.append(len(batch)) or images(batch)
             gate = threading.Event()
             snap.submit(lambda _index: gate.wait(10))  # holds the worker
-            image = decode_image(png.read_bytes())
+            image = decode_upload(png.read_bytes())
             futures = [snap.submit(Query(image=image, k=3)) for _ in range(5)]
             futures += [snap.submit(Query(key="no-such-key")), snap.submit(Query(key=key, k=3))]
             gone = snap.submit(Query(key=key, k=3))
@@ -301,7 +301,7 @@ def test_the_pixel_cap_refuses_before_pillow_would_warn_of_a_bomb():
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > MAX_PIXELS
     with pytest.raises(ServeError, match="11x10 = 110 pixels; the limit is 100") as e:
-        decode_image(png_header(11, 10), max_pixels=100)
+        decode_upload(png_header(11, 10), max_pixels=100)
     assert e.value.status == 413
 
 
