@@ -34,9 +34,10 @@ import sys
 from downstream.features import FeatureError
 from downstream.retrieval import RetrievalError
 from pretrain.checkpoint import CheckpointError
+from shards.ownership import OutputExistsError
 
 # FinetuneError, RecipeError and the rest are ValueErrors.
-USER_ERRORS = (FileNotFoundError, FeatureError, RetrievalError, CheckpointError, ValueError, KeyError)
+USER_ERRORS = (FileNotFoundError, OutputExistsError, FeatureError, RetrievalError, CheckpointError, ValueError, KeyError)
 
 
 def _common_embed(p: argparse.ArgumentParser) -> None:
@@ -133,7 +134,7 @@ def _index_build(a: argparse.Namespace) -> int:
 
     build_index(a.checkpoint, a.shards, a.out, pooling=a.pooling, factory=a.factory, exact_below=a.exact_below,
                 batch_size=a.batch_size, num_workers=a.num_workers, cache_dir=a.cache_dir,
-                thumbnails=not a.no_thumbnails, space=a.space)
+                thumbnails=not a.no_thumbnails, space=a.space, overwrite=a.overwrite)
     info = index_summary(a.out)
     print(f"indexed {info['count']} samples ({info['dim']}-d, {info['factory']}, pooling {info['pooling']}) -> {a.out}")
     return 0
@@ -301,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = actions.add_parser("build", help="embed a shard set and save an index folder")
     b.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
     b.add_argument("shards", help="shard-set folder (or glob / brace pattern / URL list)")
-    b.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    b.add_argument("--out", required=True, help="index folder to write (a new or empty folder, or an earlier "
+                   "index with --overwrite; built under a temporary name and renamed)")
+    b.add_argument("--overwrite", action="store_true", help="replace an index built earlier at --out")
     b.add_argument("--pooling", default="cls", help="cls, mean or lastN")
     b.add_argument("--factory", default=None, help="any FAISS factory string, e.g. IVF256,Flat or HNSW32")
     b.add_argument("--exact-below", type=int, default=100_000, help="exact search below this many vectors")

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from shards.ownership import OutputExistsError, claim_output, mark_output, marked_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart_mae_digits.yaml"
 FINETUNE_RECIPE = ROOT / "recipes" / "quickstart_finetune_digits.yaml"
@@ -66,15 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m downstream.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo", help="folder for everything the demo writes")
-    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first")
+    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (only a folder an "
+                        "earlier demo wrote)")
     parser.add_argument("--epochs", type=int, default=None, help="override the quickstart recipe's epochs")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="override the quickstart fine-tuning recipe's epochs (both fine-tunings)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    try:  # the demo adds to (or, with --fresh, deletes) only a folder it wrote itself
+        if claim_output(out, "demo", resume=True) == "resume" and args.fresh:
+            shutil.rmtree(out)
+    except OutputExistsError as e:
+        print(f"error: --out: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
+    if marked_kind(out) is None:
+        mark_output(out, "demo")
     t_all = time.monotonic()
     timings: dict[str, float] = {}
     pictures: dict[str, str] = {}

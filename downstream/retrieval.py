@@ -19,6 +19,7 @@ top-k (bench/retrieval.py measured IVF against HNSW; see `default_factory`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import numpy as np
 from downstream.metrics import approximate_recall, map_from_hits, recall_from_hits
 from shards.atomic import atomic_path
 from shards.manifest import sha256_file
+from shards.ownership import claim_output, mark_output
 from shards.sources import source_stem
 
 FORMAT = "vitssl-retrieval/1"
@@ -224,7 +226,8 @@ class RetrievalIndex:
         self.index = index
         self.info = info
         self._db = db
-        self._folder = folder  # set when `_db` is the read-only meta.sqlite of a loaded folder
+        self._folder = folder  # set when `_db` is a loaded folder's meta.sqlite (in memory, read-only)
+        self._loaded_from = folder  # `save` may replace the folder it was loaded from: growing in place
         self._columns = _columns(db)
         self._labels: np.ndarray | None = None
         self._gpu_index: faiss.Index | None = None
@@ -534,8 +537,8 @@ class RetrievalIndex:
         return values
 
     def _make_writable(self) -> None:
-        # A loaded index reads meta.sqlite in place, read-only; the first change copies it into memory (and gives
-        # an index saved before source names their columns).
+        # A loaded index holds meta.sqlite in memory, read-only; the first change copies it into a writable
+        # database (and gives an index saved before source names their columns).
         if self._folder is not None:
             mem = sqlite3.connect(":memory:")
             self._db.backup(mem)
@@ -585,13 +588,18 @@ class RetrievalIndex:
 
     # ---- persistence ----------------------------------------------------------------------------------
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write index.faiss, meta.sqlite and info.json into `folder`, all or nothing (replaces an old one)."""
+    def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write index.faiss, meta.sqlite and info.json into `folder`, all or nothing. An existing `folder` is
+        replaced only when it is an index this project wrote and `overwrite` is given, or is the folder this index
+        was loaded from (saving a grown index in place)."""
         folder = Path(folder)
-        if self._folder is not None and self._folder.resolve() == folder.resolve():
+        own = self._loaded_from is not None and self._loaded_from.resolve() == folder.resolve()
+        claim_output(folder, "index", overwrite=overwrite or own)
+        if own:
             self._make_writable()  # the old folder is about to be replaced under the open database
         with atomic_path(folder) as tmp:
             tmp.mkdir()
+            mark_output(tmp, "index")
             index_path, meta_path = tmp / INDEX_NAME, tmp / META_NAME
             faiss.write_index(self.index, str(index_path))
             dst = sqlite3.connect(meta_path)
@@ -631,22 +639,27 @@ class RetrievalIndex:
                 raise RetrievalError(f"index at {folder} records no {name!r}; expected {want!r}")
             if info[name] != want:
                 raise RetrievalError(f"index at {folder} has {name} = {info[name]!r}, expected {want!r}")
+        # Each file is read once, into memory, and checksummed from the very bytes that are loaded: nothing is read
+        # from the folder afterwards, so a file damaged or rewritten in place later cannot reach a loaded index.
+        digests: dict[str, str] = {}
+        index, digests[INDEX_NAME], unreadable = _read_faiss(folder / INDEX_NAME)
+        data = (folder / META_NAME).read_bytes()
+        digests[META_NAME] = hashlib.sha256(data).hexdigest()
         if verify:
             for name, digest in info.get("sha256", {}).items():
-                if sha256_file(folder / name) != digest:
+                if digests.get(name, digest) != digest:
                     raise RetrievalError(f"{folder / name} does not match the checksum in {INFO_NAME}: "
                                          "truncated or modified since it was saved")
-        try:
-            index = faiss.read_index(str(folder / INDEX_NAME))
-        except RuntimeError as e:
-            raise RetrievalError(f"{folder / INDEX_NAME} is truncated or corrupt; FAISS could not read it "
-                                 f"({str(e).strip().splitlines()[-1]})") from e
+        if index is None:
+            raise RetrievalError(unreadable)
+        db = _memory_db(folder / META_NAME, data)
         if index.d != info.get("dim"):
+            db.close()
             raise RetrievalError(f"{folder / INDEX_NAME} holds {index.d}-d vectors, info.json says {info.get('dim')}")
         try:
-            db = sqlite3.connect(f"{(folder / META_NAME).resolve().as_uri()}?mode=ro", uri=True)
             count, lo, hi = db.execute("SELECT count(*), min(id), max(id) FROM meta").fetchone()
         except sqlite3.DatabaseError as e:
+            db.close()
             raise RetrievalError(f"{folder / META_NAME} is not a readable metadata database: {e}") from e
         if count != index.ntotal or (count and (lo, hi) != (0, count - 1)):
             db.close()
@@ -659,6 +672,40 @@ class RetrievalIndex:
         for name, value in info.get("search_params", {}).items():
             faiss.ParameterSpace().set_index_parameter(index, name, int(value))
         return self
+
+
+def _read_faiss(path: Path) -> tuple[faiss.Index | None, str, str | None]:
+    """The FAISS index at `path`, read once while hashing the bytes FAISS consumes (and any after them):
+    (index, sha256, None), or (None, sha256, why) when FAISS cannot read it, so that a checksum, when there is
+    one, names the damage first."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            block = f.read(n)
+            digest.update(block)
+            return block
+
+        try:
+            index, error = faiss.read_index(faiss.PyCallbackIOReader(read)), None
+        except RuntimeError as e:
+            index, error = None, (f"{path} is truncated or corrupt; FAISS could not read it "
+                                  f"({str(e).strip().splitlines()[-1]})")
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return index, digest.hexdigest(), error
+
+
+def _memory_db(path: Path, data: bytes) -> sqlite3.Connection:
+    """The metadata database read from `path` (`data`, its bytes) as an in-memory database, read-only until
+    `_make_writable`."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.deserialize(data)
+        db.execute("PRAGMA query_only = ON")
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise RetrievalError(f"{path} is not a readable metadata database: {e}") from e
+    return db
 
 
 def _drop_excluded(scores: np.ndarray, ids: np.ndarray, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

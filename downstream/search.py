@@ -31,7 +31,9 @@ from pretrain.backbone import data_stats, fingerprint
 from pretrain.restore import load_backbone_from
 from pretrain.transforms import eval_transform
 from shards.atomic import write_text_atomic
+from shards.bounds import ImageBoundsError, check_image_size
 from shards.manifest import MANIFEST_NAME
+from shards.ownership import claim_output, refuse_input_overlap
 from shards.record import image_extension, read_label
 from shards.sources import image_files, image_suffixes, sample_source
 from shards.tar import iter_tar_samples, list_shards, manifest_class_names, open_shard
@@ -196,9 +198,14 @@ def build_index(
     cache_dir: str | os.PathLike | None = None,
     thumbnails: bool = True,
     space: str = "backbone",
+    overwrite: bool = False,
 ) -> RetrievalIndex:
     """Embed every sample of `source` with the backbone at `checkpoint` and save an index folder at `out`.
-    `space="clip"` indexes a CLIP run's joint image-text embeddings, so text queries work too."""
+    `space="clip"` indexes a CLIP run's joint image-text embeddings, so text queries work too. An existing `out`
+    is replaced only when it is an earlier index and `overwrite` is given; it may not overlap `source`."""
+    if Path(source).exists():
+        refuse_input_overlap(out, [source])
+    claim_output(out, "index", overwrite=overwrite)  # before the embedding, so a refusal costs nothing
     embedder = Embedder(checkpoint, pooling, space)
     vectors, feats = embedder.shards(source, cache_dir, batch_size, num_workers)
     rows = metadata_rows(source, feats.keys, thumbnails=thumbnails)
@@ -206,7 +213,7 @@ def build_index(
     info = {"fingerprint": embedder.fingerprint, "pooling": embedder.pooling, "space": space,
             "checkpoint": str(checkpoint), "sources": [str(source)], "img_size": img_size, "in_chans": in_chans}
     index = RetrievalIndex.build(vectors.numpy(), rows, info=info, factory=factory, exact_below=exact_below)
-    index.save(out)
+    index.save(out, overwrite=overwrite)
     return index
 
 
@@ -243,7 +250,7 @@ def add_to_index(
     vectors, feats = embedder.shards(source, cache_dir, batch_size, num_workers)
     index.add(vectors.numpy(), metadata_rows(source, feats.keys, thumbnails=thumbnails))
     index.info["sources"] = [*index.info.get("sources", []), str(source)]
-    index.save(index_dir)
+    index.save(index_dir, overwrite=True)  # extending an index rewrites its own folder: what `add` is for
     return index
 
 
@@ -322,8 +329,11 @@ def index_summary(index_dir: str | os.PathLike) -> dict:
 def _load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
+            check_image_size(*im.size)  # from the header: a 1 x 2M image would blow up in the resize
             im.load()
             return im.copy()
+    except ImageBoundsError as e:
+        raise FeatureError(f"query image {path} is refused: {e}") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"query image not found: {path}") from None
     except IsADirectoryError:

@@ -7,8 +7,11 @@ embedded all go into the next one (one forward pass, one FAISS search).
 
 `IndexService` holds the current snapshot behind one reference. A request takes it once (`IndexService.use`)
 and asks it everything, so it sees the old version or the new one, never a mix. A reload (a poll of the folder
-noticing that `index add` or a rebuild replaced it, or an explicit `reload()`) loads the new version beside the
-old one and swaps the reference; the old snapshot's worker answers whatever its last users ask, then stops.
+noticing that `index add` or a rebuild replaced it, or a file changed in place, or an explicit `reload()`) loads
+the new version beside the old one and swaps the reference; the old snapshot's worker answers whatever its last
+users ask, then stops. A snapshot holds what it loaded in memory, checksummed against info.json (the vectors and
+the metadata database alike), so a file damaged on disk later never reaches a request: the load of the damaged
+version fails, and the last good one goes on answering while `IndexService.problem` says why.
 
 The HTTP face is `downstream.serve_app`; this module knows nothing of HTTP beyond the status in `ServeError`.
 """
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from downstream.retrieval import INFO_NAME, RetrievalError, RetrievalIndex
+from downstream.retrieval import INDEX_NAME, INFO_NAME, META_NAME, RetrievalError, RetrievalIndex
 from downstream.search import HIT_FIELDS, open_index
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,15 @@ class Query:
 
 
 def folder_stamp(folder: Path) -> tuple | None:
-    """What changes whenever the folder is rewritten: `RetrievalIndex.save` replaces the whole folder (a new
-    inode) and writes a new info.json. None while the folder is missing (mid-replace)."""
+    """What changes whenever the folder or one of its files is rewritten: `RetrievalIndex.save` replaces the
+    whole folder (a new inode); a file changed in place (truncated, overwritten) changes its size or mtime. None
+    while the folder or a file is missing (mid-replace)."""
     try:
-        d, info = os.stat(folder), os.stat(folder / INFO_NAME)
+        d = os.stat(folder)
+        files = [os.stat(folder / name) for name in (INFO_NAME, INDEX_NAME, META_NAME)]
     except FileNotFoundError:
         return None
-    return d.st_dev, d.st_ino, info.st_ino, info.st_mtime_ns, info.st_size
+    return (d.st_dev, d.st_ino, *((f.st_ino, f.st_size, f.st_mtime_ns) for f in files))
 
 
 def _fetch_sizes(k: int, n: int) -> Iterator[int]:
@@ -285,8 +290,10 @@ def _embed_each(embed: Callable, numbers: list[int], items: list,
 class IndexService:
     """An index folder served: its current `Snapshot`, reloaded when the folder changes.
 
-    `poll_s` > 0 starts a daemon thread that checks the folder's stamp that often and reloads on a change (a
-    failed load, e.g. of a folder caught mid-replace, is logged and tried again at the next poll).
+    `poll_s` > 0 starts a daemon thread that checks the folder's stamp that often and reloads on a change. A
+    failed load (a folder caught mid-replace, a file damaged in place) leaves the loaded snapshot answering and
+    is kept in `problem` (what /healthz reports) and logged once; it is tried again when the folder changes
+    again (or on an explicit `reload()`), and a load that succeeds clears it (logged once too).
     """
 
     def __init__(self, folder: str | os.PathLike, *, checkpoint=None, poll_s: float = 1.0, max_k: int = MAX_K,
@@ -297,6 +304,8 @@ class IndexService:
         self._reloading = threading.Lock()  # one load at a time
         self._ref = threading.Lock()  # guards the reference and the users count
         self._snapshot = Snapshot(self.folder, 1, checkpoint=checkpoint, max_k=max_k, max_batch=max_batch)
+        self.problem: str | None = None  # why the folder on disk is not what is served; None when it is
+        self._failed_stamp: tuple | None = None  # the folder's stamp when loading it last failed
         self._closed = threading.Event()
         self._watcher = None
         if poll_s > 0:
@@ -325,24 +334,33 @@ class IndexService:
     def reload(self, *, force: bool = False) -> Snapshot:
         """Load the folder again if it changed (always with `force`) and swap the snapshot; the current one."""
         with self._reloading:
-            current = self._snapshot
             stamp = folder_stamp(self.folder)
-            if stamp is None:
-                raise RetrievalError(f"{self.folder} is missing (being replaced?); still serving generation "
-                                     f"{current.generation}")
-            if stamp == current.stamp and not force:
-                return current
-            new = Snapshot(self.folder, current.generation + 1, checkpoint=self._checkpoint, previous=current,
-                           max_k=self._max_k, max_batch=self._max_batch)
-            if new.stamp != stamp or folder_stamp(self.folder) != stamp:  # replaced while it loaded: maybe mixed
-                self._retire(new)
-                raise RetrievalError(f"{self.folder} changed while it was loading; still serving generation "
-                                     f"{current.generation}")
-            with self._ref:
-                self._snapshot = new
-            self._retire(current)
-            log.info("index %s: generation %d, %d items", self.name, new.generation, new.count)
+            try:
+                new = self._load_new(stamp, force)
+            except Exception as e:
+                self._failed(stamp, e)
+                raise
+            self._recovered()
             return new
+
+    def _load_new(self, stamp: tuple | None, force: bool) -> Snapshot:
+        current = self._snapshot
+        if stamp is None:
+            raise RetrievalError(f"{self.folder} is missing (being replaced?); still serving generation "
+                                 f"{current.generation}")
+        if stamp == current.stamp and not force:
+            return current
+        new = Snapshot(self.folder, current.generation + 1, checkpoint=self._checkpoint, previous=current,
+                       max_k=self._max_k, max_batch=self._max_batch)
+        if new.stamp != stamp or folder_stamp(self.folder) != stamp:  # replaced while it loaded: maybe mixed
+            self._retire(new)
+            raise RetrievalError(f"{self.folder} changed while it was loading; still serving generation "
+                                 f"{current.generation}")
+        with self._ref:
+            self._snapshot = new
+        self._retire(current)
+        log.info("index %s: generation %d, %d items", self.name, new.generation, new.count)
+        return new
 
     def _retire(self, snap: Snapshot) -> None:
         with self._ref:
@@ -350,14 +368,30 @@ class IndexService:
             if snap._users == 0:
                 snap._stop()
 
+    def _failed(self, stamp: tuple | None, e: Exception) -> None:
+        message = str(e) or type(e).__name__
+        if message != self.problem:  # once per distinct failure, not at every poll while the folder stays bad
+            log.warning("index %s: reload failed, still serving generation %d: %s", self.name,
+                        self._snapshot.generation, message)
+        self.problem, self._failed_stamp = message, stamp
+
+    def _recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("index %s: recovered, serving generation %d", self.name, self._snapshot.generation)
+        self.problem, self._failed_stamp = None, None
+
     def _watch(self, poll_s: float) -> None:
         while not self._closed.wait(poll_s):
-            if folder_stamp(self.folder) == self._snapshot.stamp:
+            stamp = folder_stamp(self.folder)
+            if stamp == self._snapshot.stamp:  # what is served (again, if a damaged file was put back as it was)
+                if self.problem is not None:
+                    with self._reloading:
+                        self._recovered()
                 continue
-            try:
+            if self.problem is not None and stamp == self._failed_stamp:
+                continue  # still the version that failed: loading (and hashing) it again would fail again
+            with contextlib.suppress(Exception):  # recorded and logged by reload; the loaded snapshot answers
                 self.reload()
-            except Exception as e:  # keep serving the loaded snapshot; try again at the next poll
-                log.warning("index %s: reload failed: %s", self.name, e)
 
     def close(self) -> None:
         self._closed.set()

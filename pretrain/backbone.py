@@ -26,7 +26,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pretrain.recipe import ModelConfig
 from pretrain.transforms import normalize_stats
-from shards.atomic import atomic_path, write_text_atomic
+from shards.atomic import atomic_path, fsync_file
+from shards.ownership import claim_output, mark_output
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -225,20 +226,28 @@ def export_backbone(
     out_dir: str | Path,
     mean: tuple[float, ...] | list[float] | None = None,
     std: tuple[float, ...] | list[float] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `out_dir/model.safetensors` and `out_dir/config.json` (each atomically); return `out_dir`.
+    """Write the folder `out_dir` with `model.safetensors` and `config.json` (built under a temporary name and
+    renamed when complete); return `out_dir`. An existing `out_dir` is replaced only when it is an earlier
+    export and `overwrite` is given: a folder of someone else's weights is never written into.
 
     The config carries timm's `pretrained_cfg_overlay` with the input size and, when given, the normalisation
     the backbone was trained with, so `timm.data.resolve_model_data_config(model)` on the rebuilt model is right.
     """
     model = _unwrap(model)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "backbone", overwrite=overwrite)
     config = with_data_stats(backbone_config(model), mean, std)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "fingerprint": fingerprint(model)})
-    write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        mark_output(tmp, "backbone")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fingerprint": fingerprint(model)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            fsync_file(tmp / name)
     return out
 
 

@@ -18,14 +18,16 @@ launch (the stream position, counted per rank) is translated by `pretrain.positi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -132,6 +134,100 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+# An OSError's words inside another error's text: a DataLoader worker's, re-raised as text; safetensors' (Rust's).
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]+)')?")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(e: Exception, path: str | Path) -> OSError | None:
+    """`e`, a failed read or write, as an OSError with a one-line cause that names the file (its own, else `path`)
+    and keeps the errno where any was given; None when `e` is no I/O error."""
+    if isinstance(e, OSError) and e.errno:
+        return OSError(e.errno, e.strerror or str(e), str(e.filename or path))
+    if not isinstance(e, OSError | SafetensorError):
+        return None
+    text = str(e)
+    if found := _ERRNO_TEXT.search(text):
+        return OSError(int(found[1]), found[2], found[3] or str(path))
+    if found := _RUST_OS_ERROR.search(text):
+        return OSError(int(found[1]), os.strerror(int(found[1])), str(path))
+    if isinstance(e, SafetensorError):
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(e).__name__]
+    return OSError(None, lines[-1], str(e.filename or path))
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Any failure to write `path` leaves as an OSError that names it (a bare write error names no file)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        err = as_os_error(e, path)
+        if err is None:
+            raise
+        raise err from e
+
+
+class _KeepsWriteError:
+    """The file torch.save writes through. Its zip writer turns a failed write into `RuntimeError('unexpected pos N
+    vs M')` and drops the OSError (no space left, ...); this keeps the first one, so the caller can raise it."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _open_for_write(path: Path) -> IO[bytes]:
+    return open(path, "wb")
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with _writing(path), _open_for_write(path) as f:
+        sink = _KeepsWriteError(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _writing(path), _open_for_write(path) as f:
+        f.write(text.encode())
+
+
+# What this writer leaves in checkpoints/ when killed mid-save: a step folder being assembled, and `latest` being
+# rewritten (shards.atomic's `.latest.<random>.tmp`). Matched exactly: nothing else there is touched.
+_OWN_TEMP_RE = re.compile(r"^\.step_\d{8}\.tmp$|^\.latest\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what an earlier, killed save left in `out_dir/checkpoints` (only this writer's temporary names);
+    returns what was removed. Call it while no save is under way (the main process, at the start of a save)."""
+    root = checkpoint_root(out_dir)
+    removed = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if not _OWN_TEMP_RE.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def save_checkpoint(
     accelerator,
     out_dir: str | Path,
@@ -144,44 +240,68 @@ def save_checkpoint(
     keep_last: int,
     launch: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    A write that fails (no space left, ...) raises an OSError naming the file, removes the half-written folder and
+    leaves the checkpoints before it as they were."""
     root = checkpoint_root(out_dir)
     name = f"step_{state.step:08d}"
     final = root / name
     tmp = root / f".{name}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_temporaries(out_dir)  # this step's own, and any a killed save left
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_parts(accelerator, tmp, model=model, optimizer=optimizer, state=state, recipe=recipe,
+                     backbone_config=backbone_config, launch=launch)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _publish(tmp, final, out_dir, keep_last)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; the previous checkpoints are untouched
+        raise
+    accelerator.wait_for_everyone()
+    return final
 
+
+def _write_parts(accelerator, tmp: Path, *, model, optimizer, state: TrainerState, recipe: dict,
+                 backbone_config: dict, launch: dict | None) -> None:
+    """Collective (the state-dict gather): every rank writes its RNG, the main process the rest."""
     model_state, optim_state = full_state_dicts(model, optimizer)
     tensors, plain = _rng_state()
     rank = accelerator.process_index
-    torch.save(tensors, tmp / f"rng_rank{rank}.pt")
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(plain))
-    if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "backbone_config.json").write_text(json.dumps(backbone_config, indent=2))
-        meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe,
-                "sharded": accelerator.is_fsdp2, **({"launch": launch} if launch else {})}
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for f in tmp.iterdir():  # data reach the disk before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        write_text_atomic(root / "latest", name + "\n")
-    accelerator.wait_for_everyone()
-    return final
+    _torch_save(tensors, tmp / f"rng_rank{rank}.pt")
+    _write_text(tmp / f"rng_rank{rank}.json", json.dumps(plain))
+    if not accelerator.is_main_process:
+        return
+    weights = tmp / "model.safetensors"
+    with _writing(weights):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(weights))
+    _torch_save(optim_state, tmp / "optimizer.pt")
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        _torch_save(scaler.state_dict(), tmp / "scaler.pt")
+    _write_text(tmp / "backbone_config.json", json.dumps(backbone_config, indent=2))
+    meta = {"state": state.__dict__, "world_size": accelerator.num_processes, "recipe": recipe,
+            "sharded": accelerator.is_fsdp2, **({"launch": launch} if launch else {})}
+    _write_text(tmp / COMPLETE_MARKER, json.dumps(meta, indent=2))
+
+
+def _publish(tmp: Path, final: Path, out_dir: str | Path, keep_last: int) -> None:
+    """Make the assembled folder the newest checkpoint: fsync, rename, prune, point `latest` at it."""
+    for f in tmp.iterdir():  # data reach the disk before the rename makes them visible
+        with _writing(f), open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    latest = final.parent / "latest"
+    with _writing(latest):
+        write_text_atomic(latest, final.name + "\n")
 
 
 def read_trainer_state(ckpt: str | Path) -> tuple[TrainerState, dict]:

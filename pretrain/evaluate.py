@@ -59,16 +59,16 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 
 from pretrain.curves import curve_png
 from pretrain.monitors import effective_rank
 from pretrain.pooling import pool_tokens
 from shards.atomic import atomic_path
 from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest, sha256_file
+from shards.ownership import mark_output
 from shards.record import image_extension, read_label
 from shards.stream import ShardStream
-from shards.tar import iter_source_samples, list_shards, manifest_class_names
+from shards.tar import iter_source_samples, list_shards, manifest_class_names, tar_writer
 
 if TYPE_CHECKING:
     from pretrain.recipe import AlarmConfig, EvalConfig
@@ -163,7 +163,7 @@ def _write_set(folder: Path, samples: list[tuple[int, str, dict[str, bytes]]], c
     infos = []
     for n, first in enumerate(range(0, len(samples), _SPLIT_SHARD)):
         path = folder / f"shard-{n:06d}.tar"
-        with wds.TarWriter(str(path), encoder=False, mtime=946684800) as tar:
+        with tar_writer(path, encoder=False, mtime=946684800) as tar:
             for _, key, files in samples[first : first + _SPLIT_SHARD]:
                 tar.write({"__key__": key, **files})
         infos.append(ShardInfo(path.name, min(_SPLIT_SHARD, len(samples) - first), sha256_file(path),
@@ -214,6 +214,7 @@ def draw_split(source: str, holdout: int, bank: int, folder: str | Path, *, allo
                     num_classes=max(len(classes), max(labels) + 1))
     with atomic_path(folder) as tmp:
         tmp.mkdir()
+        mark_output(tmp, "split")
         if not off:
             _write_set(tmp / "query", query, classes, source, "query")
             _write_set(tmp / "bank", bank_rows, classes, source, "bank")

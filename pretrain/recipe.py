@@ -597,6 +597,10 @@ class AlarmConfig:
         _min(p + "warn_every", self.warn_every, 1)
 
 
+# The largest integer a recipe takes: torch, numpy and the products the checks form (patch grids) stay exact.
+MAX_INT = 2**63 - 1
+
+
 def _check_finite(obj: Any, prefix: str) -> None:
     """Every float of every section (list entries too) is a finite number: nan slips past range checks."""
     for f in dataclasses.fields(obj):
@@ -607,6 +611,13 @@ def _check_finite(obj: Any, prefix: str) -> None:
         values = value if isinstance(value, list) else [value]
         _check(all(math.isfinite(v) for v in values if isinstance(v, float)),
                f"{key}={_show(value)}: {'every value ' if isinstance(value, list) else ''}must be a finite number")
+
+
+def _check_int(key: str, value: Any) -> None:
+    """An integer fits in 64 bits: a 400-digit one overflows the first float it meets (OverflowError, no key)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise RecipeError(f"{key}: a {len(str(abs(value)))}-digit integer is out of range: must be within "
+                          f"+-{MAX_INT} (2**63 - 1)")
 
 
 @dataclass
@@ -762,15 +773,21 @@ def _check_shapes(cls: Any, data: dict, where: str, prefix: str = "") -> dict:
     An empty section (`mae:` with everything commented out) means its defaults. Returns the cleaned data."""
     out = {}
     for k, v in data.items():
-        key, tp = f"{prefix}{k}", _hints(cls)[k]
+        key, tp = f"{prefix}{k}", _hints(cls).get(k) if isinstance(k, str) else None
+        _check(tp is not None, f"{where}unknown recipe key {key!r} in section {prefix[:-1] or '<top level>'!r}; "
+               f"valid keys: {sorted(_hints(cls))}")
         if dataclasses.is_dataclass(tp):
             if v is None:
                 continue
             _check(isinstance(v, dict), where + _type_message(key, v))
             out[k] = _check_shapes(tp, v, where, f"{key}.")
             continue
+        for x in v if isinstance(v, list) else [v]:  # before OmegaConf turns one into a float: OverflowError
+            _check_int(where + key, x)
         is_list = typing.get_origin(tp) is list
         _check(isinstance(v, list) if is_list else not isinstance(v, dict | list), where + _type_message(key, v))
+        # ... and a list's entries scalars (OmegaConf lets `[[]]` into a list of floats; the checks then compare a list)
+        _check(not is_list or not any(isinstance(x, dict | list) for x in v), where + _type_message(key, v))
         # YAML 1.1 reads an unquoted no/yes/on/off as a boolean; a string field would silently get 'False'.
         _check(not (_is_str(tp) and isinstance(v, bool)), f"{where}{key}={_show(v)}: expected a string, and YAML read "
                f"the unquoted word as a boolean: quote it, e.g. {k}: \"no\"")
@@ -834,6 +851,19 @@ def _resolve_autos(merged: DictConfig, autos: set[str]) -> tuple[DictConfig, str
     return _merge(merged, layer, "auto: "), note
 
 
+def _read_yaml(p: Path) -> Any:
+    """The file's YAML; a file that is not YAML text is a RecipeError naming it and where the parser stopped."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not a text file (byte {e.start} is not UTF-8); a recipe is a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{p}: not valid YAML{where}: {problem}") from None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a YAML recipe (or the defaults when `path` is None), apply `key=value` overrides, resolve `auto`
     values from the training data (`pretrain.auto`; the last layer to set a key decides), validate."""
@@ -844,7 +874,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"recipe not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _read_yaml(p) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{p}: a recipe is a mapping of sections (data, model, objective, optim, run, eval, alarm)")
         unknown = _find_unknown(schema, data)
@@ -860,7 +890,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if _find_unknown(schema, _nest(key)):
             raise RecipeError(f"override {o!r}: {_explain_key_error(schema, key)}")
         # One override at a time, so a type error names the value that override gave.
-        layer: Any = OmegaConf.to_container(OmegaConf.from_dotlist([o]))
+        layer: Any = _parse_override(o, key)
         node = layer
         parts = key.split(".")
         for part in parts[:-1]:
@@ -881,6 +911,22 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError(f"{e.full_key}: {msg}" if getattr(e, "full_key", None) else msg) from None
     recipe.auto_note = note
     return recipe.validate()
+
+
+def _parse_override(o: str, key: str) -> dict:
+    """`a.b=value` as a nested dict, the value read as YAML (OmegaConf's grammar for `${...}`)."""
+    tp, _ = _field_at(key)
+    if tp is None:  # `data.train.x` goes below a value; `.data` has an empty part
+        known = [k for k in (key.rsplit(".", i)[0] for i in range(1, key.count(".") + 1)) if _field_at(k)[0]]
+        what = f"{known[0]} is {_describe(*_field_at(known[0]))}, not a section" if known else \
+            "a key is section.name, e.g. run.epochs"
+        raise RecipeError(f"override {o!r}: unknown recipe key {key!r}: {what}")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([o]))  # type: ignore[return-value]
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise RecipeError(f"{key}={o.split('=', 1)[1]!r}: cannot be read as a value ({problem}); expected "
+                          f"{_describe(tp, _field_at(key)[1])}{_example(key, tp, _field_at(key)[1])}") from None
 
 
 def _nest(dotted: str) -> dict:

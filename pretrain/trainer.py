@@ -50,6 +50,7 @@ from pretrain.position import Launch, launch_of, translate
 from pretrain.recipe import Recipe, save_recipe
 from pretrain.schedule import cosine_value
 from shards.atomic import write_text_atomic
+from shards.ownership import OutputExistsError, claim_output, mark_output, marked_kind
 from shards.stream import ShardStream
 from shards.tar import StreamError, list_shards
 
@@ -251,6 +252,10 @@ class Trainer:
         self.recipe = recipe
         r = recipe.run
         self.out_dir = Path(r.out_dir)
+        try:  # a run folder is new, empty or an earlier run of ours (resumed); never a folder of other files
+            claim_output(self.out_dir, "run", resume=True)
+        except OutputExistsError as e:
+            raise RunInputError(f"run.out_dir: {e}") from None
         trackers = [t for t in r.trackers if t != "jsonl"]
         self.accelerator = make_accelerator(
             precision=r.precision, cpu=r.cpu, fsdp=r.fsdp, log_with=trackers or None, project_dir=str(self.out_dir)
@@ -624,6 +629,8 @@ class Trainer:
         acc, r = self.accelerator, self.recipe.run
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if marked_kind(self.out_dir) is None:
+                mark_output(self.out_dir, "run")
             save_recipe(self.recipe, self.out_dir / "recipe.yaml")
             if self.recipe.auto_note:  # first, so a run's log says what its numbers were read off
                 log.info(f"recipe {self.recipe.auto_note}")
@@ -824,7 +831,8 @@ class Trainer:
         backbone_dir, pictures = None, []
         if self.is_main:
             objective = self._plain_objective()
-            backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats())
+            backbone_dir = export_backbone(objective.backbone, self.out_dir / "backbone", *objective.data_stats(),
+                                           overwrite=True)  # the run's own export, e.g. after a longer schedule
             objective.on_train_end(self.out_dir)
             pictures = self._pictures(objective)
         acc.wait_for_everyone()

@@ -14,6 +14,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
+from shards.bounds import MAX_ASPECT, MAX_PIXELS, check_image_size
+
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
@@ -52,14 +54,33 @@ class EnsureMode:
         return f"EnsureMode({self.mode!r})"
 
 
+class CheckBounds:
+    """Pass an image through unchanged, or raise `shards.bounds.ImageBoundsError` when it has over `max_pixels`
+    pixels or an aspect ratio over `max_aspect` (`shards.bounds.check_image_size`): at the head of a pipeline
+    that resizes the shorter side to S, it bounds what the pipeline makes to max_aspect * S^2 pixels."""
+
+    def __init__(self, max_pixels: int = MAX_PIXELS, max_aspect: int = MAX_ASPECT):
+        self.max_pixels, self.max_aspect = max_pixels, max_aspect
+
+    def __call__(self, img):
+        height, width = v2.functional.get_size(img)  # PIL image or tensor, without touching the pixels
+        check_image_size(width, height, max_pixels=self.max_pixels, max_aspect=self.max_aspect)
+        return img
+
+    def __repr__(self) -> str:
+        return f"CheckBounds(max_pixels={self.max_pixels}, max_aspect={self.max_aspect})"
+
+
 def eval_transform(
     img_size: int, in_chans: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> v2.Compose:
-    """Deterministic: right channel count, resize + centre crop to img_size, normalise (default stats if none)."""
+    """Deterministic: size check (`CheckBounds`), right channel count, resize + centre crop to img_size, normalise
+    (default stats if none)."""
     if mean is None or std is None:
         mean, std = normalize_stats(in_chans)
     return v2.Compose(
         [
+            CheckBounds(),  # first: Resize of a 1 x 2M image to the shorter side would make 16 x 33M pixels
             EnsureMode(in_chans),
             v2.ToImage(),
             v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),

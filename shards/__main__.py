@@ -30,6 +30,7 @@ from shards.colourise import colourised, first
 from shards.export import EXPORT_FORMATS, export_folder
 from shards.info import info
 from shards.manifest import MANIFEST_NAME, Manifest, load_manifest
+from shards.ownership import claim_output, refuse_input_overlap
 from shards.resize import FITS, Resize
 from shards.sources import (
     KEY_MODES,
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
+    options.add_argument("--overwrite", action="store_true",
+                         help="replace a shard set written earlier at --out (nothing else is ever replaced)")
     options.add_argument("--samples-per-shard", type=int, default=1000)
     options.add_argument("--max-shard-bytes", type=int, default=0, help="close a shard before it passes this size")
     options.add_argument("--shard-multiple", type=int, default=1,
@@ -120,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("--out", type=Path, required=True, help="the folder to create")
     unpack.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="png")
     unpack.add_argument("--jpg-quality", type=int, default=95)
+    unpack.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     return parser
 
 
@@ -147,6 +151,22 @@ def _sources(args: argparse.Namespace) -> dict[str, SampleSource]:
     return {"": idx_source(args.path, args.labels, classes)}
 
 
+def _claim_shard_sets(args: argparse.Namespace, splits: Sequence[str]) -> dict[Path, int]:
+    """Check every set `write` will put under --out before reading anything; {set: samples} of those replaced."""
+    # A folder source is scanned recursively, so the output may not lie inside it; any other input at --out
+    # (the table, an IDX folder) is a file or an unmarked folder, which claim_output refuses.
+    refuse_input_overlap(args.out, [args.root] if args.kind == "folder" else [])
+    replaced = {}
+    for split in splits:
+        folder = args.out / split if split else args.out
+        if claim_output(folder, "shards", overwrite=args.overwrite) == "replace":
+            try:
+                replaced[folder] = load_manifest(folder).total
+            except (OSError, ValueError):
+                replaced[folder] = -1
+    return replaced
+
+
 def _write(args: argparse.Namespace) -> int:
     options = {
         "samples_per_shard": args.samples_per_shard,
@@ -158,13 +178,17 @@ def _write(args: argparse.Namespace) -> int:
         "workers": args.workers,
     }
     written: dict[Path, Manifest] = {}
-    for split, source in _sources(args).items():
+    sources = _sources(args)
+    splits = ["train", "val"] if len(sources) == 1 and args.val_fraction else list(sources)
+    replaced = _claim_shard_sets(args, splits)
+    for split, source in sources.items():
         if args.limit is not None:
             source = first(source, args.limit)
         if args.colourise is not None:
             source = colourised(source, size=args.colourise, seed=args.seed, split=split)
         samples = tqdm(source, total=source.count, desc=f"writing {split or 'shards'}", unit="img", disable=None)
-        common = {"classes": source.classes, "source": source.description, "on_skip": source.skip, **options}
+        common = {"classes": source.classes, "source": source.description, "on_skip": source.skip,
+                  "overwrite": args.overwrite, **options}
         if split:
             written[args.out / split] = write_shard_set(samples, args.out / split, split=split, **common)
         elif args.val_fraction:
@@ -177,7 +201,10 @@ def _write(args: argparse.Namespace) -> int:
     for path, m in written.items():
         converted = f"; converted to 8-bit L/RGB: {m.conversions_text()}" if m.conversions else ""
         sized = f", images {m.resize}" if m.resize else ""
-        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes{sized}{converted}")
+        was = replaced.get(path)
+        earlier = "" if was is None else f" (replaced the earlier set{'' if was < 0 else f' of {was} samples'})"
+        print(f"wrote {path}: {len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes{sized}{converted}"
+              f"{earlier}")
         print(format_stats(m.stats))
     return 0
 
@@ -228,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             return _stats(args)
         if args.command == "export":
-            counts = export_folder(args.folder, args.out, args.format, args.jpg_quality)
+            if Path(args.folder).exists():
+                refuse_input_overlap(args.out, [args.folder])
+            counts = export_folder(args.folder, args.out, args.format, args.jpg_quality, overwrite=args.overwrite)
             print(f"wrote {sum(n for k, n in counts.items() if not k.startswith('('))} images to {args.out}: "
                   + ", ".join(f"{k} {n}" for k, n in counts.items()))
             return 0 if "(unreadable)" not in counts else 1

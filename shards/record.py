@@ -2,8 +2,10 @@
 and decoded, and how the writers encode one (`encode_sample`).
 
 The stream, `verify`, `info`, the online evaluator and the retrieval layer all take the image of a sample from
-here, so a shard set one of them accepts (say `.webp` from img2dataset) is accepted by all of them. This module
-imports no torch and no webdataset.
+here, so a shard set one of them accepts (say `.webp` from img2dataset) is accepted by all of them. Here too is
+the one bound on an image's size (`check_image_size`), judged from its header before any pixel is decoded, that
+the stream, the service's uploads, `query` and the eval transform all apply. This module imports no torch and no
+webdataset.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 
 from PIL import Image
 
+from shards.bounds import check_image_size
 from shards.sources import SOURCE_FIELD, RawSample, normalize_mode
 
 ENCODINGS = ("png", "jpg")
@@ -26,7 +29,6 @@ Record = dict[str, "str | bytes"]  # {"__key__": key, "png": ..., "cls": ..., "t
 # img2dataset's and other tools' (webp, jpeg), then the rarer formats Pillow decodes.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
 
-
 def image_extension(files: dict[str, bytes]) -> str | None:
     """The extension of the sample's image file (the first of `IMAGE_EXTENSIONS` it has), or None."""
     return next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
@@ -38,8 +40,10 @@ def no_image_problem(files: dict[str, bytes]) -> str:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """The stored image as 8-bit "L" or "RGB" (`shards.sources.normalize_image`); raises what Pillow raises."""
+    """The stored image as 8-bit "L" or "RGB" (`shards.sources.normalize_image`); raises `ImageBoundsError` from
+    the header for an image out of bounds (`check_image_size`), else what Pillow raises."""
     image = Image.open(io.BytesIO(data))
+    check_image_size(*image.size)
     image.load()
     return normalize_mode(image)
 
@@ -75,7 +79,8 @@ def encode_sample(sample: RawSample, classes: list[str], encoding: str = "png", 
 
 
 def read_image(files: dict[str, bytes]) -> Image.Image | None:
-    """The sample's image as 8-bit L/RGB, or None when it has none or it does not decode (callers count it)."""
+    """The sample's image as 8-bit L/RGB, or None when it has none, it does not decode or it is out of bounds
+    (`check_image_size`); callers count it."""
     ext = image_extension(files)
     if ext is None or "__bad__" in files:
         return None

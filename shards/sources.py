@@ -4,7 +4,9 @@ Every source yields `RawSample`s in a fixed order with keys `f"{index:08d}"` (We
 must not contain dots), or for image files with `key="stem"` the file name without its extension (refused
 when two files share one), and records the original index / path in `meta`, which the writer stores
 as the sample's `.json`. Image files are yielded unopened (`ImageFile`): the writer opens them, in its worker
-processes when it has them. Entries that cannot be read are skipped, logged and counted.
+processes when it has them. Entries that cannot be read are skipped, logged and counted: in an image folder also
+dangling symlinks, symlink loops, FIFOs and other special files (never opened: a FIFO would block) and a second
+link to a folder already read; symlinked folders are followed (`image_entries`).
 
 Every sample's `.json` also carries its source name under `"source"` (`SOURCE_FIELD`): the image file's path
 relative to the folder root (POSIX), or, for tables and arrays (caption table, IDX, digits), the row id: a
@@ -20,7 +22,9 @@ import gzip
 import json
 import logging
 import math
+import os
 import re
+import stat
 import struct
 import threading
 from collections import Counter
@@ -28,9 +32,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from shards.bounds import check_image_size
+from shards.folder_entries import folder_entries
 
 log = logging.getLogger(__name__)
 _SKIP_LOCK = threading.Lock()
@@ -55,9 +63,13 @@ class ImageFile:
 
     path: Path
     what: str  # how a skip names it: the path, or "table line N"
+    problem: str = ""  # why the entry cannot be read, found when listing (a FIFO, a dangling symlink): never opened
 
     def open(self) -> Image.Image:
-        """The decoded image; raises `UNREADABLE` errors for a file Pillow cannot read."""
+        """The decoded image; raises `UNREADABLE` errors for a file Pillow cannot read (or one with a `problem`,
+        which the writer then skips and counts like any unreadable file)."""
+        if self.problem:
+            raise OSError(self.problem)
         return _open_image(self.path)
 
 
@@ -103,12 +115,14 @@ def image_suffixes() -> frozenset[str]:
 
 
 def image_files(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursively, sorted; hidden files (".name") are left out."""
-    suffixes = image_suffixes()
-    return sorted(
-        p for p in Path(root).rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
-    )  # fmt: skip
+    """Image files under `root`, recursively (symlinked folders followed), sorted; hidden files (".name") and the
+    entries `image_entries` finds unreadable are left out."""
+    return [path for path, problem in image_entries(root) if not problem]
+
+
+def image_entries(root: str | Path) -> list[tuple[Path, str]]:
+    """(path, problem) for the image files and unreadable entries under `root` (`shards.folder_entries`)."""
+    return folder_entries(root, image_suffixes())
 
 
 def sample_source(meta: object) -> str | None:
@@ -142,8 +156,9 @@ _GRAY_ALPHA_MODES = {"LA", "La"}
 _INT32_MAX = 2**31 - 1
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """A high-bit-depth grayscale image as "L", scaled (not clipped) by the rules of `normalize_image`."""
+def _to_8bit(image: Image.Image) -> tuple[Image.Image, bool]:
+    """A high-bit-depth grayscale image as "L", scaled (not clipped) by the rules of `normalize_image`, with
+    the pixels equal to its transparency key (a 16-bit PNG's tRNS) composited onto white; True when any was."""
     pixels = np.asarray(image)
     if image.mode == "F":
         x = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
@@ -153,7 +168,23 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         x = pixels.astype(np.int64).clip(0, None)
         top = 65535 if image.mode.startswith("I;16") or not x.size or x.max() <= 65535 else _INT32_MAX
         out = (x * 255 + top // 2) // top  # round(v * 255 / top): v / 257 rounded for 16-bit
-    return Image.fromarray(out.astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    # the key is compared with the stored values, before scaling: Pillow's own convert clips 16-bit to 8 first
+    transparent = pixels == key if isinstance(key, int) and not isinstance(key, bool) else np.zeros(out.shape, bool)
+    out = np.where(transparent, 255, out)  # fully transparent over white is white
+    return Image.fromarray(out.astype(np.uint8), "L"), bool(transparent.any())
+
+
+def _key_as_8bit(image: Image.Image) -> Image.Image:
+    """`image` with a 16-bit PNG's RGB transparency key (a value over 255) brought to the 8 bits Pillow keeps of
+    its pixels (the high byte), so the key matches them: pixels whose high bytes equal the key's are transparent
+    (the low bytes are gone once Pillow has opened the file)."""
+    key = image.info.get("transparency")
+    if image.mode != "RGB" or not isinstance(key, tuple) or max(key, default=0) <= 255:
+        return image
+    image = image.copy()
+    image.info["transparency"] = tuple(int(v) >> 8 for v in key)
+    return image
 
 
 def _composite_on_white(image: Image.Image, gray: bool) -> tuple[Image.Image, bool]:
@@ -181,12 +212,17 @@ def normalize_image(image: Image.Image) -> tuple[Image.Image, str]:
       16-bit RGB files are already reduced to 8 bits by Pillow when it opens them.
     - Transparency (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto a white background,
       which is how the image looks on a page; a fully opaque alpha channel is simply dropped (not counted).
+    - A 16-bit grayscale PNG's transparency key (tRNS) is matched against the 16-bit values, so those pixels
+      become white, and the image is counted as `ALPHA_COMPOSITED` when any pixel matched (it is also scaled).
+      A 16-bit RGB PNG's key is matched at the 8 bits Pillow keeps of its pixels.
     """
     mode = image.mode
     if mode in ("L", "RGB") and "transparency" not in image.info:
         return image, ""
     if mode in _HIGH_BIT_DEPTH_MODES or mode.startswith("I;16"):
-        return _to_8bit(image), HIGH_BIT_DEPTH_SCALED
+        out, composited = _to_8bit(image)
+        return out, ALPHA_COMPOSITED if composited else HIGH_BIT_DEPTH_SCALED
+    image = _key_as_8bit(image)
     if image.has_transparency_data:
         gray = mode in _GRAY_ALPHA_MODES or mode in ("1", "L")
         out, composited = _composite_on_white(image, gray)
@@ -211,8 +247,23 @@ def resolve_classes(spec: str) -> list[str]:
     return names
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, refused (OSError) unless it is a regular file: opened non-blocking and checked
+    on the open descriptor, so a FIFO put in a file's place after it was listed cannot block the writer."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path}: not a regular file (a {'FIFO' if stat.S_ISFIFO(mode) else 'special file'})")
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
+    with _open_regular(path) as f, Image.open(f) as im:
+        check_image_size(*im.size)  # before decoding: a 33 KB 1x16M file would be gigabytes once resized
         im.load()
         # closing the file frees the pixels of `im`, so hand back a copy; the writer converts its mode
         # (`normalize_image`) and counts what that changed
@@ -287,20 +338,30 @@ def image_folder_source(root: str | Path, classes: list[str] | None = None, key:
         raise FileNotFoundError(f"no subfolder for class(es) {missing} in {root}; found {found}")
     if not classes:
         raise ValueError(f"{root} has no class subfolders (expected ROOT/<class>/<image files>)")
-    files: list[tuple[int, Path]] = []
+    files: list[tuple[int, Path, str]] = []  # (label, path, why it cannot be read or "")
     for label, name in enumerate(classes):
-        in_class = image_files(root / name)
-        if not in_class:
-            log.warning("class folder %s holds no image files", root / name)
-        files += [(label, p) for p in in_class]
-    if not files:
-        raise ValueError(f"{root} holds no image files in its class subfolders {classes}")
-    keys = _keys([p for _, p in files], key, str(root))
+        in_class = image_entries(root / name)
+        if not any(not problem for _, problem in in_class):
+            log.warning("class folder %s holds no readable image files", root / name)
+        files += [(label, p, problem) for p, problem in in_class]
+    readable = [p for _, p, problem in files if not problem]
+    if not readable:
+        bad = [f"{p} ({problem})" for _, p, problem in files][:3]
+        raise ValueError(f"{root} holds no image files that can be read in its class subfolders {classes}"
+                         + (f"; unreadable entries: {bad}" if bad else ""))
+    # Entries that cannot be read are listed too, so the writer skips and counts them (manifest `skipped`) as it
+    # does files Pillow cannot open: they take an index like those, but need no valid stem: they are never written.
+    if key == "stem":
+        stems = iter(stem_keys(readable, str(root)))
+        keys = [p.stem if problem else next(stems) for _, p, problem in files]
+    else:
+        keys = _keys([p for _, p, _ in files], key, str(root))
 
     def generate(skip: Callable[[str, str], None]) -> Iterator[RawSample]:
-        for i, ((label, path), name) in enumerate(zip(files, keys)):
+        for i, ((label, path, problem), name) in enumerate(zip(files, keys)):
             rel = path.relative_to(root).as_posix()
-            yield RawSample(name, ImageFile(path, str(path)), label, None, {"index": i, "path": rel, SOURCE_FIELD: rel})
+            yield RawSample(name, ImageFile(path, str(path), problem), label, None,
+                            {"index": i, "path": rel, SOURCE_FIELD: rel})
 
     return SampleSource(f"folder:{root}", list(classes), len(files), generate)
 

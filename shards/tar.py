@@ -4,9 +4,14 @@
   ``.gz``/``.tgz`` suffix), ~10x faster than `tarfile` on small samples (bench/shards_stream.py), grouping members
   into samples the WebDataset way. The stream, `verify`, `info`, `stats`, `export`, the online evaluator and the
   retrieval layer all read tars through it, so they agree on what a sample is.
-- `open_shard`: local paths, ``http(s)://`` (urllib with retries and back-off; a URL that cannot be read raises
-  `StreamError` naming it) and ``pipe:`` URLs, which run a shell command and so are refused (`PipeSourceError`)
-  unless allowed: ``allow_pipe=True`` or ``VITSSL_ALLOW_PIPE=1`` (`check_pipe_allowed`).
+- `open_shard`: the one opener of shards. Local paths and ``file://`` are opened as plain files (`open`),
+  ``http(s)://`` with urllib (retries and back-off; a URL that cannot be read raises `StreamError` naming it).
+  Anything that would run a program is refused (`PipeSourceError`) unless allowed, ``allow_pipe=True`` or
+  ``VITSSL_ALLOW_PIPE=1`` (`check_pipe_allowed`): ``pipe:`` URLs (a shell command) and the other schemes
+  webdataset opens by running a tool (``gs://``, ``hf://``, ``sftp://``, ...). webdataset's ``GOPEN_REWRITE``
+  is never applied (it could turn a path into a ``pipe:`` command): a source it would rewrite is refused.
+- `tar_writer`: a `webdataset.TarWriter` on a plain local file, for every writer of tars (given a path, TarWriter
+  opens it through `gopen`, where ``GOPEN_REWRITE`` could turn the write into a shell command).
 - `list_shards`: a folder (its manifest's order and counts), tar paths, globs, brace patterns, URLs or a
   comma-separated mix, as [(url, sample count)].
 """
@@ -31,17 +36,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 import braceexpand
-from webdataset.gopen import gopen
+from webdataset.gopen import gopen_schemes, rewrite_url
+from webdataset.writer import TarWriter
 
 from shards.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 _ZERO_BLOCK = bytes(512)
 _GLOB_CHARS = re.compile(r"[*?\[]")
-ALLOW_PIPE_ENV = "VITSSL_ALLOW_PIPE"  # "1" allows pipe: sources everywhere (for CLIs)
+ALLOW_PIPE_ENV = "VITSSL_ALLOW_PIPE"  # "1" allows pipe: (and other program-running) sources everywhere (for CLIs)
+REWRITE_ENV = "GOPEN_REWRITE"  # webdataset's URL rewriting: never applied here, a source it would change is refused
+PLAIN_SCHEMES = ("", "file", "http", "https")  # opened by this module itself: no program runs
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class StreamError(RuntimeError):
     """Too much of the data could not be read to go on."""
+
+
+class ShardReadError(tarfile.ReadError, ValueError):
+    """A shard that cannot be read through: truncated, corrupt, or not a tar. A `tarfile.ReadError` (what
+    readers of tars catch) and a ValueError (what the CLIs report as one line)."""
 
 
 class StreamWarning(UserWarning):
@@ -49,20 +63,57 @@ class StreamWarning(UserWarning):
 
 
 class PipeSourceError(ValueError):
-    """A ``pipe:`` shard source that was not allowed: opening it would run a shell command."""
+    """A shard source that was refused: opening it would run a program (a ``pipe:`` URL, a scheme webdataset
+    opens with an external tool) without permission, or webdataset's ``GOPEN_REWRITE`` would rewrite it."""
+
+
+def source_scheme(url: str) -> str:
+    """The scheme of a shard source, lower case: "pipe", "http", "gs", ...; "" for a local path."""
+    stripped = url.lstrip()
+    if stripped[:5].lower() == "pipe:":
+        return "pipe"
+    match = _SCHEME.match(stripped)
+    return match.group(1).lower() if match else ""
+
+
+def _check_no_rewrite(url: str) -> None:
+    """Refuse `url` when ``GOPEN_REWRITE`` would rewrite it: the rewrite runs after every check (inside
+    `webdataset.gopen`) and can turn a local path into ``pipe:`` a shell command, so it is never applied here."""
+    if REWRITE_ENV not in os.environ:
+        return
+    try:
+        rewritten = rewrite_url(url)
+    except (ValueError, re.error) as e:  # a malformed rule, or webdataset's own security mode
+        rewritten = f"<cannot apply: {e}>"
+    if rewritten != url:
+        raise PipeSourceError(
+            f"shard source {url!r} would be rewritten by {REWRITE_ENV}={os.environ[REWRITE_ENV]!r} to {rewritten!r}; "
+            f"refused: this project never applies webdataset's URL rewrites (one can turn a path into a shell "
+            f"command). Unset {REWRITE_ENV} and give the source you mean directly"
+        )
 
 
 def check_pipe_allowed(url: str, allow_pipe: bool = False) -> None:
-    """Refuse a ``pipe:`` source (`PipeSourceError`) unless `allow_pipe` or ``VITSSL_ALLOW_PIPE=1``.
-
-    `webdataset.gopen` hands the rest of a ``pipe:`` URL to a shell, so a source string from a recipe or
-    a command line could run anything; the one place every opening and listing passes through."""
-    if not url.lstrip().lower().startswith("pipe:"):
+    """The one guard every opening and listing passes through: refuse (`PipeSourceError`) a source that
+    ``GOPEN_REWRITE`` would rewrite (`_check_no_rewrite`), a scheme nothing here can open, and, unless
+    `allow_pipe` or ``VITSSL_ALLOW_PIPE=1``, one whose opening runs a program: ``pipe:`` hands the rest of
+    the URL to a shell, and webdataset opens ``gs://``, ``hf://``, ``sftp://``, ... by running a tool, so a
+    source string from a recipe or a command line could run anything."""
+    _check_no_rewrite(url)
+    scheme = source_scheme(url)
+    if scheme in PLAIN_SCHEMES:
         return
+    if scheme not in gopen_schemes:
+        raise PipeSourceError(
+            f"shard source {url!r} has the scheme {scheme}://, which cannot be opened: use a local path, "
+            f"file://, http(s)://, or (allowed) pipe: a command that writes the tar to stdout"
+        )
     if allow_pipe or os.environ.get(ALLOW_PIPE_ENV, "").strip() == "1":
         return
+    what = "is a pipe: URL, which runs a shell command" if scheme == "pipe" else (
+        f"has the scheme {scheme}://, which webdataset opens by running an external program")
     raise PipeSourceError(
-        f"shard source {url!r} is a pipe: URL, which runs a shell command; refused. If you trust it, allow it "
+        f"shard source {url!r} {what}; refused. If you trust it, allow it "
         f"with allow_pipe=True (recipe: data.allow_pipe: true) or the environment variable {ALLOW_PIPE_ENV}=1"
     )
 
@@ -75,7 +126,7 @@ def _octal(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field[1:], "big")
     digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
+    return int(digits, 8) if digits else 0  # a ValueError on damage: `iter_tar_members` names it
 
 
 def _checksum_ok(hdr: bytes) -> bool:
@@ -92,20 +143,45 @@ def _checksum_ok(hdr: bytes) -> bool:
 def _pax_records(data: bytes) -> dict[bytes, bytes]:
     out, i = {}, 0
     while i < len(data):
-        space = data.index(b" ", i)
-        length = int(data[i:space])
-        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        space = data.find(b" ", i)
+        length = data[i:space]
+        if space < 0 or not length.isdigit() or not space < i + int(length) <= len(data):
+            raise ShardReadError(f"bad pax record at byte {i} of an extended header")  # and no endless loop
+        key, _, value = data[space + 1 : i + int(length) - 1].partition(b"=")
         out[key] = value
-        i += length
+        i += int(length)
     return out
+
+
+_READ_CHUNK = 1 << 24  # members larger than this are read in pieces: a damaged size field must not allocate GiBs
+
+
+def _read_big(read, size: int) -> bytes:
+    """Up to `size` bytes (fewer at the end of the stream), without asking the stream for more than
+    `_READ_CHUNK` at once."""
+    parts, left = [], size
+    while left and (part := read(min(left, _READ_CHUNK))):
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """Regular files of a tar stream, in order, as (name, data).
 
-    Raises `tarfile.ReadError` on a truncated or corrupt archive (including one that ends without the
-    end-of-archive blocks), after yielding the members before the damage.
+    Raises `ShardReadError` (a `tarfile.ReadError`) on a truncated or corrupt archive, whatever the damage
+    (including one that ends without the end-of-archive blocks, or gzip data that does not decompress), after
+    yielding the members before it; other I/O errors (a dropped connection) come through as they are.
     """
+    try:
+        yield from _members(stream)
+    except tarfile.ReadError:
+        raise
+    except (ValueError, OverflowError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ShardReadError(f"corrupt tar or compressed data ({type(e).__name__}: {e})") from e
+
+
+def _members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     read = stream.read
     offset = 0
     long_name: str | None = None
@@ -113,7 +189,7 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     while True:
         hdr = read(512)
         if len(hdr) < 512:
-            raise tarfile.ReadError(
+            raise ShardReadError(
                 "ends without the end-of-archive marker (truncated?)"
                 if not hdr
                 else f"truncated header at byte {offset}"
@@ -121,21 +197,25 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if hdr == _ZERO_BLOCK:
             return  # end-of-archive; what follows is padding
         if not _checksum_ok(hdr):
-            raise tarfile.ReadError(f"bad header checksum at byte {offset} (corrupt or not a tar)")
+            raise ShardReadError(f"bad header checksum at byte {offset} (corrupt or not a tar)")
         size = _octal(hdr[124:136]) if pax_size is None else pax_size
         kind = hdr[156:157]
-        data = read(size)
+        if size < 0:  # int() takes a sign
+            raise ShardReadError(f"negative member size {size} at byte {offset}")
+        data = read(size) if size <= _READ_CHUNK else _read_big(read, size)
         if len(data) < size:
-            raise tarfile.ReadError(f"truncated member at byte {offset}: {len(data)} of {size} bytes")
+            raise ShardReadError(f"truncated member at byte {offset}: {len(data)} of {size} bytes")
         padding = -size % 512
         if padding and len(read(padding)) < padding:
-            raise tarfile.ReadError(f"truncated padding at byte {offset + 512 + size}")
+            raise ShardReadError(f"truncated padding at byte {offset + 512 + size}")
         offset += 512 + size + padding
         if kind == b"x":  # pax extended header for the next member
             records = _pax_records(data)
             if b"path" in records:
                 long_name = records[b"path"].decode("utf-8", "replace")
             if b"size" in records:
+                if not records[b"size"].isdigit():
+                    raise ShardReadError(f"bad pax size {records[b'size'][:20]!r} at byte {offset}")
                 pax_size = int(records[b"size"])
             continue
         if kind == b"L":  # GNU long name for the next member
@@ -244,14 +324,34 @@ def _open_http(url: str) -> BinaryIO:
 
 
 def open_shard(url: str, *, allow_pipe: bool = False) -> BinaryIO:
-    """Open a shard for reading: http(s):// with retries (`_open_http`), anything else (paths, file://,
-    pipe: when allowed (`check_pipe_allowed`), ...) with `webdataset.gopen`."""
+    """Open a shard for reading, once `check_pipe_allowed` passes it: a local path or file:// as a plain file,
+    http(s):// with retries (`_open_http`), an allowed pipe: or other tool scheme with webdataset's handler for
+    that scheme, called directly (not `gopen`, which would apply ``GOPEN_REWRITE`` after the check)."""
     check_pipe_allowed(url, allow_pipe)
-    if url.startswith(("http://", "https://")):
+    scheme = source_scheme(url)
+    if scheme in ("http", "https"):
         stream = _open_http(url)
+    elif scheme in ("", "file"):
+        stream = open(url[len("file://") :] if scheme else url, "rb")  # noqa: SIM115 (the caller closes it)
     else:
-        stream = gopen(url, "rb")
+        stream = gopen_schemes[scheme](url.lstrip(), "rb", 8192)
     return gzip.GzipFile(fileobj=stream) if url.endswith((".gz", ".tgz")) else stream
+
+
+def tar_writer(path: str | os.PathLike, **options) -> TarWriter:
+    """A `webdataset.TarWriter` (`options` are its own) writing the local file `path`, opened here as a plain
+    file: given a path string, TarWriter opens it with `gopen`, which applies ``GOPEN_REWRITE``, so a rewrite rule
+    could turn writing a shard into a shell command. Closing the writer closes the file, as it would its own."""
+    compressed = next((c for c in ("gz", "bz2", "xz") if os.fspath(path).endswith(c)), None)
+    options.setdefault("compress", compressed)  # TarWriter picks the compression from a path's suffix
+    stream = open(path, "wb")  # noqa: SIM115 (owned, and closed, by the writer)
+    try:
+        writer = TarWriter(stream, **options)
+    except BaseException:
+        stream.close()
+        raise
+    writer.own_fileobj = stream
+    return writer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,13 +486,19 @@ def iter_source_samples(
     source: str | os.PathLike, *, allow_pipe: bool = False, per_shard: int = 0
 ) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """(shard url, key, files) for every sample of a source, shard after shard in `list_shards` order; with
-    `per_shard` > 0, only the first that many of each shard."""
+    `per_shard` > 0, only the first that many of each shard. A damaged shard raises `ShardReadError` naming it,
+    after the samples before the damage."""
     for url, _count in list_shards(source, allow_pipe=allow_pipe):
-        with open_shard(url, allow_pipe=allow_pipe) as stream:
-            for i, (key, files) in enumerate(iter_tar_samples(stream)):
-                if per_shard and i >= per_shard:
-                    break
-                yield url, key, files
+        done = 0
+        try:
+            with open_shard(url, allow_pipe=allow_pipe) as stream:
+                for i, (key, files) in enumerate(iter_tar_samples(stream)):
+                    if per_shard and i >= per_shard:
+                        break
+                    done = i + 1
+                    yield url, key, files
+        except tarfile.ReadError as e:
+            raise ShardReadError(f"shard {url} is unreadable after {done} samples: {e}") from e
 
 
 def manifest_for(source: str | os.PathLike) -> Manifest | None:

@@ -25,12 +25,14 @@ from pathlib import Path
 import webdataset as wds
 
 from shards.atomic import atomic_path
-from shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
+from shards.manifest import Manifest, ShardInfo, sha256_file
+from shards.ownership import claim_output, mark_output
 from shards.prepare import Encoded, Preparer, Unreadable
 from shards.record import ENCODINGS, Record
 from shards.resize import Resize
 from shards.sources import RawSample, SampleSource
 from shards.stats import DatasetStats
+from shards.tar import tar_writer
 
 log = logging.getLogger(__name__)
 _WINDOW_PER_WORKER = 64  # samples in flight per worker process
@@ -119,7 +121,7 @@ class _ShardSink:
             self._close_shard()
         if self._tar is None:
             path = self.folder / self.pattern.format(len(self.shards))
-            self._tar = wds.TarWriter(str(path), encoder=False, mtime=_TAR_MTIME)
+            self._tar = tar_writer(path, encoder=False, mtime=_TAR_MTIME)
         start = self._tar.tarstream.offset
         self._tar.write(record)
         self.spans.append((len(self.shards), start, self._tar.tarstream.offset))
@@ -230,12 +232,6 @@ class _SetWriter:
         return recut_shards(self.folder, first, spans, plan)
 
 
-def _check_replaceable(out: Path) -> None:
-    """Only an empty folder or an earlier shard set (it has a manifest) may be replaced."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise FileExistsError(f"{out} exists and is not a shard set (no {MANIFEST_NAME}); refusing to replace it")
-
-
 def _log_skip(what: str, why: str) -> None:
     log.warning("skipped %s: %s", what, why)
 
@@ -320,6 +316,7 @@ def write_shard_set(
     resize: Resize | None = None,
     workers: int = 1,
     on_skip: Callable[[str, str], None] | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
     """Write `samples` as `out_dir/shard-000000.tar`, ... and `out_dir/manifest.json`.
 
@@ -331,14 +328,16 @@ def write_shard_set(
     statistics of what was stored in its `stats`. `workers` > 1 opens, resizes and encodes in that many
     processes; the output is the same bytes. An image file that cannot be opened is skipped: `on_skip(what, why)`
     is told (default: the source's `skip`, which counts it) and the manifest counts it (`skipped`).
+    An existing `out_dir` is replaced only when it is a shard set this project wrote and `overwrite` is given.
     """
     options = ShardOptions(samples_per_shard, max_shard_bytes, encoding, jpg_quality, shard_multiple, resize or Resize())
     _check_workers(workers)
     on_skip = _skip_reporter(samples, on_skip)
     out = Path(out_dir)
-    _check_replaceable(out)
+    claim_output(out, "shards", overwrite=overwrite)
     with atomic_path(out) as staging:
         staging.mkdir()
+        mark_output(staging, "shards")
         writer = _SetWriter(staging, classes, options)
         skipped = _store(prepared(samples, options.preparer(classes), workers), on_skip, lambda item: writer)
         manifest = writer.finish(source, split, skipped)
@@ -361,6 +360,7 @@ def write_split_shard_sets(
     source: str,
     workers: int = 1,
     on_skip: Callable[[str, str], None] | None = None,
+    overwrite: bool = False,
     **options: object,
 ) -> dict[str, Manifest]:
     """Write `out_dir/train/` and `out_dir/val/`, each a full shard set, in one pass over `samples`.
@@ -378,12 +378,13 @@ def write_split_shard_sets(
     on_skip = _skip_reporter(samples, on_skip)
     out = Path(out_dir)
     for split in ("train", "val"):
-        _check_replaceable(out / split)
+        claim_output(out / split, "shards", overwrite=overwrite)
     with ExitStack() as stack:
         writers = {}
         for split in ("train", "val"):
             staging = stack.enter_context(atomic_path(out / split))
             staging.mkdir()
+            mark_output(staging, "shards")
             writers[split] = _SetWriter(staging, classes, opts)
 
         def side(item: Encoded) -> _SetWriter:

@@ -27,6 +27,7 @@ from pretrain.backbone import (
     sincos_2d_pos_embed,
 )
 from pretrain.recipe import ModelConfig, RecipeError
+from shards.ownership import MARKER_NAME
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -227,7 +228,7 @@ def test_backbone_config_from_cfg_equals_from_model(model):
 
 def test_export_then_rebuild_with_plain_timm(model, tmp_path):
     out = export_backbone(model, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temporary leftovers
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MARKER_NAME])  # no leftovers
     # only timm + safetensors + json: no code of this project
     config = json.loads((out / CONFIG_FILE).read_text())
     plain = timm.create_model(**config)

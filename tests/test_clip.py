@@ -32,6 +32,7 @@ from pretrain.objectives.clip import (
 from pretrain.recipe import CLIPConfig, ModelConfig, RecipeError, load_recipe
 from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
+from shards.ownership import MARKER_NAME
 from shards.sources import RawSample, SampleSource
 from shards.writer import write_shard_set
 
@@ -189,7 +190,8 @@ def test_open_clip_export_round_trip(tmp_path, no_network, chans):
     with torch.no_grad():
         model.logit_scale.fill_(3.5)
     folder = export_open_clip(model, tmp_path / "export")
-    assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors", "image_tower"}
+    assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors", "image_tower",
+                                                MARKER_NAME}
     oc = open_clip.create_model(f"local-dir:{folder}").eval()  # open_clip alone, no code of this project
     assert type(oc).__name__ == "CustomTextCLIP"
     x = torch.randn(5, chans, 16, 16)

@@ -253,12 +253,13 @@ def test_allow_pipe_key_defaults_off():
 # --- the command line ----------------------------------------------------------------------------------------
 
 
-def test_print_flag_anywhere(capsys):
+def test_print_flag_anywhere(capsys, digits_shards):
     from pretrain.__main__ import main
 
     recipe = str(RECIPES / "quickstart_mae_digits.yaml")
+    data = [f"data.train={digits_shards}", "data.val=null"]  # --print checks the shard sets as a run does
     for argv in ([recipe, "--print", "run.epochs=2"], ["--print", recipe, "run.epochs=2"], [recipe, "run.epochs=2", "--print"]):
-        assert main(argv) == 0, argv
+        assert main([*argv, *data]) == 0, argv
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["run"]["epochs"] == 2 and printed["model"]["img_size"] == 16
 
@@ -270,3 +271,32 @@ def test_print_runs_the_full_validation(capsys):
     assert main([recipe, "--print", "objective.dino.local_crop_size=16"]) == 2
     err = capsys.readouterr().err
     assert "objective.dino.local_crop_size=16 is not a multiple" in err and "model.patch_size=7" in err
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.val"])
+def test_print_checks_the_shard_sets_like_a_training_run(capsys, digits_shards, tmp_path, key):
+    """`--print` says it validates like a training run: a shard set that cannot be read fails it too."""
+    from pretrain.__main__ import main
+
+    data = {"data.train": str(digits_shards), "data.val": "null", key: str(tmp_path / "nowhere")}
+    assert main([str(RECIPES / "quickstart_mae_digits.yaml"), "--print", *(f"{k}={v}" for k, v in data.items())]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"error: {key}='{tmp_path}/nowhere' cannot be read")
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"data: [\n  train: x\n", "not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'"),
+    (b"data: {train: *x}\n", "not valid YAML at line 1, column 15: found undefined alias 'x'"),
+    (b"run: !!python/object/apply:os.system [ls]\n",
+     "not valid YAML at line 1, column 6: could not determine a constructor for the tag"),
+    (b"\xff\xfe\x00data", "not a text file (byte 0 is not UTF-8); a recipe is a YAML file"),
+])
+def test_a_recipe_file_that_is_not_yaml_is_one_named_error(tmp_path, content, said):
+    """Not YAMLError or UnicodeDecodeError tracebacks: the file, where the parser stopped, and why."""
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(caught.value).startswith(f"{path}: {said}") and "\n" not in str(caught.value)

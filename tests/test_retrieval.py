@@ -22,6 +22,7 @@ from downstream.retrieval import (
     default_factory,
     exact_search,
 )
+from shards.ownership import MARKER_NAME
 
 INFO = {"fingerprint": "ckpt-aaaa", "pooling": "cls"}
 
@@ -217,7 +218,7 @@ def test_failed_add_changes_nothing(small):
 def test_save_load_round_trip_is_identical(saved, small):
     idx, folder = saved
     x, _ = small
-    assert sorted(p.name for p in folder.iterdir()) == [INDEX_NAME, INFO_NAME, META_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_NAME, INFO_NAME, META_NAME, MARKER_NAME])
     assert not list(folder.parent.glob("*.tmp"))
     info = json.loads((folder / INFO_NAME).read_text())
     assert info["fingerprint"] == "ckpt-aaaa" and info["pooling"] == "cls" and info["dim"] == 32

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
+import logging
 import os
+import re
 import shutil
 import socket
 import struct
@@ -181,10 +185,16 @@ def test_item_thumb_info_healthz_and_page(served, query_png):
     assert not digits["text_queries"] and [c["label_name"] for c in digits["labels"]] == DIGITS
     assert sum(c["count"] for c in digits["labels"]) == 1797
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["indexes"]["digits"] == {"generation": 1, "count": 1797}
+    assert health["status"] == "ok"
+    assert health["indexes"]["digits"] == {"generation": 1, "count": 1797, "status": "ok"}
     page = client.get("/")
     assert page.status_code == 200 and "<title>vitssl retrieval</title>" in page.text
-    assert "://" not in page.text and "default-src 'none'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    assert "://" not in page.text and "default-src 'none'" in policy
+    # the page's own inline script and style run, by their hashes; nothing else inline does
+    script = re.search(r"<script>(.*?)</script>", page.text, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}';" in policy and "unsafe-inline" not in policy
     assert client.get("/docs").status_code == 404  # FastAPI's docs page would load a CDN
 
 
@@ -256,7 +266,7 @@ BAD = {
     "bad json": ({"content": b"{\"key\": ", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
     "json nested too deep": ({"content": b"[" * 100_000, "headers": {"content-type": "application/json"}}, 400,
                              "not valid JSON"),
-    "text too long": ({"params": {"index": "clip"}, "json": {"text": "seven " * 1000}}, 400, "the limit is 1,000"),
+    "text too long": ({"params": {"index": "clip"}, "json": {"text": "seven " * 1000}}, 400, "text must be a string of at most 1,000 characters"),
     "empty text": ({"params": {"index": "clip"}, "json": {"text": "  "}}, 400, "the text is empty"),
     "json not an object": ({"json": ["00000000"]}, 400, "must be an object"),
     "key and text": ({"json": {"key": "00000000", "text": "x"}}, 400, "exactly one"),
@@ -264,6 +274,32 @@ BAD = {
     "no image field": ({"files": {"picture": ("x.png", b"x", "image/png")}}, 400, "file field 'image'"),
     "wrong content type": ({"content": b"key=1", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
     "oversize upload": (upload(b"\0" * (10 * 2**20 + 1)), 413, "over the limit"),
+    # typed, bounded integers: what str.isdigit() takes but int() refuses, and what int() takes but should not
+    "k written --1": (upload(gray_png(), k="--1"), 400, "k must be an integer from 1 to 100, got '--1'"),
+    "k a superscript two": (upload(gray_png(), k="²"), 400, "k must be an integer from 1 to 100, got '²'"),
+    "k of 5,000 digits (form)": (upload(gray_png(), k="9" * 5000), 400, "k must be an integer from 1 to 100"),
+    "label written --1": (upload(gray_png(), label="--1"), 400, "label must be an integer (a class id)"),
+    "label of 5,000 digits (form)": (upload(gray_png(), label="7" * 5000), 400, "label must be an integer"),
+    "k of 5,000 digits (JSON)": ({"content": b'{"key": "00000000", "k": ' + b"9" * 5000 + b"}",
+                                  "headers": {"content-type": "application/json"}}, 400,
+                                 "k must be an integer from 1 to 100, got a 5,000-digit number"),
+    "label of 5,000 digits (JSON)": ({"content": b'{"key": "00000000", "label": -' + b"7" * 5000 + b"}",
+                                      "headers": {"content-type": "application/json"}}, 400,
+                                     "label must be an integer (a class id), got a 5,000-digit number"),
+    "k a string (JSON)": ({"json": {"key": "00000000", "k": "5"}}, 400, "k must be an integer from 1 to 100"),
+    "key a lone surrogate": ({"content": b'{"key": "\\ud800"}', "headers": {"content-type": "application/json"}},
+                             400, "key is not valid Unicode"),
+    # nothing a request says is ignored without a word
+    "k in the query string": ({"params": {"k": 5}, **upload(gray_png())}, 400,
+                              "unknown query parameter(s) ['k']: the query string takes index; k go(es) in the"),
+    "index twice": ({"params": [("index", "digits"), ("index", "clip")], "json": {"key": "00000000"}}, 400,
+                    "['index'] given more than once"),
+    "k twice (JSON)": ({"content": b'{"key": "00000000", "k": 1, "k": 50}',
+                        "headers": {"content-type": "application/json"}}, 400, "field 'k' is given twice"),
+    "k twice (form)": ({"files": {"image": ("x.png", gray_png(), "image/png")}, "data": {"k": ["1", "50"]}}, 400,
+                       "form field(s) ['k'] given more than once"),
+    "unknown form field": (upload(gray_png(), path="/etc/passwd"), 400,
+                           "unknown field(s) ['path']; a multipart search takes image, k, label"),
 }
 
 
@@ -310,6 +346,48 @@ def test_reload_is_refused_to_a_client_off_this_machine(served):
 
     r = TestClient(served["app"]).post("/reload")  # its client address is "testclient", not loopback
     assert r.status_code == 403 and "loopback" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({"Origin": "http://evil.example"}, "a request from 'http://evil.example'"),
+    ({"Origin": "null"}, "a request from 'null'"),  # a sandboxed frame or a file:// page
+    ({"Referer": "http://evil.example/page.html"}, "a request from 'http://evil.example/page.html'"),
+    ({"Sec-Fetch-Site": "cross-site"}, "another site's page"),
+    ({"Host": "evil.example"}, "not Host 'evil.example'"),  # DNS rebinding: evil.example resolving to 127.0.0.1
+])
+def test_reload_refuses_a_cross_site_request(served, headers, message):
+    """A page on another site can make the browser POST to 127.0.0.1 (CSRF); loopback alone does not stop it."""
+    client = served["client"]
+    g = client.get("/healthz").json()["indexes"]["clip"]["generation"]
+    r = client.post("/reload", params={"index": "clip"}, headers=headers)
+    assert r.status_code == 403 and message in r.json()["detail"], r.text
+    assert client.get("/healthz").json()["indexes"]["clip"]["generation"] == g
+    own = client.post("/reload", params={"index": "clip"}, headers={"Origin": served["url"],
+                                                                     "Sec-Fetch-Site": "same-origin"})
+    assert own.status_code == 200 and own.json()["reloaded"]["clip"]["generation"] == g + 1
+
+
+@pytest.mark.parametrize("method, path, message", [
+    ("GET", "/info?index=digits&verbose=1", "unknown query parameter(s) ['verbose']: the query string takes index"),
+    ("GET", "/item/00000000?thumbnails=0", "unknown query parameter(s) ['thumbnails']"),
+    ("GET", "/healthz?index=digits", "unknown query parameter(s) ['index']: the query string takes nothing"),
+    ("POST", "/reload?index=clip&all=1", "unknown query parameter(s) ['all']"),
+])
+def test_unknown_query_parameters_are_a_400_naming_them(served, method, path, message):
+    r = served["client"].request(method, path)
+    assert r.status_code == 400 and message in r.json()["detail"], r.text
+
+
+def test_the_openapi_schema_describes_the_typed_search_bodies(served):
+    schema = served["client"].get("/openapi.json").json()
+    body = schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    as_json, as_form = body["application/json"]["schema"], body["multipart/form-data"]["schema"]
+    assert set(as_json["properties"]) == {"key", "text", "k", "label"} and not as_json["additionalProperties"]
+    assert as_json["properties"]["k"] | {"description": ""} == {"type": "integer", "minimum": 1, "maximum": 100,
+                                                                "default": 10, "title": "K", "description": ""}
+    assert as_form["required"] == ["image"] and as_form["properties"]["image"]["format"] == "binary"
+    params = {p["name"]: p["in"] for p in schema["paths"]["/info"]["get"]["parameters"]}
+    assert params == {"index": "query"}
 
 
 def test_cli_serve_refuses_a_missing_folder_and_two_of_one_name(served, tmp_path, capsys):
@@ -384,3 +462,95 @@ def test_a_half_written_folder_keeps_the_old_version(served, tmp_path):
     assert client.post("/search", params={"index": "clip"}, json={"text": "a seven", "k": 3}).status_code == 200
     shutil.rmtree(folder)
     os.replace(saved, folder)  # as `RetrievalIndex.save` does: the poll loads it again
+
+
+def truncate_in_place(path: Path, keep: float) -> bytes:
+    """Cut a file to a fraction of its size in place (same inode, as a full disk or a bad copy leaves it); its old
+    bytes."""
+    good = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(int(len(good) * keep))
+    return good
+
+
+def wait_until(condition, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while not (got := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+    return got
+
+
+def test_files_damaged_in_place_under_load_never_reach_a_request(served, query_png, tmp_path):
+    """Threads hammer a served index while its meta.sqlite, then its index.faiss, are truncated in place: every
+    answer is a 200 with the same hits (the snapshot holds what it loaded, checksummed, in memory), /healthz says
+    "degraded" and why, and putting the files back serves them again as a new generation."""
+    key, png = query_png
+    folder = shutil.copytree(served["root"] / "digits", tmp_path / "digits")
+    with running(create_app([folder], poll_s=0.02)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        expected = hit_pairs(client.post("/search", json={"key": key, "k": 5}).json()["hits"])
+        statuses, wrong, broken, done = [], [], [], threading.Event()
+
+        def hammer(n: int):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while not done.is_set():
+                    try:
+                        r = (c.post("/search", json={"key": key, "k": 5}) if n % 3 == 0 else
+                             search_image(c, png, k=5) if n % 3 == 1 else c.get(f"/thumb/{key}"))
+                    except httpx.TransportError as e:  # a reset connection: what a crashing handler looks like
+                        broken.append(repr(e))
+                        continue
+                    statuses.append(r.status_code)
+                    if r.status_code == 200 and n % 3 == 0 and hit_pairs(r.json()["hits"]) != expected:
+                        wrong.append(r.json())
+
+        def health() -> dict:
+            return client.get("/healthz").json()
+
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.2)
+            good_meta = truncate_in_place(folder / "meta.sqlite", 0.4)
+            h = wait_until(lambda: (h := health())["status"] == "degraded" and h, "healthz never said degraded")
+            assert h["indexes"]["digits"]["status"] == "degraded" and h["indexes"]["digits"]["generation"] == 1
+            assert "meta.sqlite does not match the checksum" in h["indexes"]["digits"]["problem"]
+            time.sleep(0.3)
+            good_index = truncate_in_place(folder / "index.faiss", 0.5)
+            wait_until(lambda: "index.faiss" in health()["indexes"]["digits"].get("problem", ""),
+                       "the second damage was not reported")
+            time.sleep(0.3)
+            (folder / "index.faiss").write_bytes(good_index)
+            (folder / "meta.sqlite").write_bytes(good_meta)
+            h = wait_until(lambda: (h := health())["status"] == "ok" and h, "the repaired folder was not loaded")
+            assert h["indexes"]["digits"]["generation"] >= 2 and "problem" not in h["indexes"]["digits"]
+            time.sleep(0.2)
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+    assert not broken, broken[:3]
+    assert len(statuses) > 30 and set(statuses) == {200}, sorted(set(statuses))
+    assert not wrong, wrong[:1]
+
+
+def test_a_bad_folder_is_logged_once_and_its_recovery_once(served, tmp_path, caplog):
+    """The watcher polls every 20 ms; a folder that stays corrupt is one warning, not one per poll, and its repair
+    one more."""
+    caplog.set_level(logging.INFO, logger="downstream.serve")
+    folder = shutil.copytree(served["root"] / "clip", tmp_path / "clip")
+    service = IndexService(folder, poll_s=0.02)
+    try:
+        good = truncate_in_place(folder / "meta.sqlite", 0.5)
+        wait_until(lambda: service.problem, "the damage was not noticed")
+        time.sleep(0.4)  # some 20 polls
+        assert service.snapshot.generation == 1 and "meta.sqlite does not match" in service.problem
+        (folder / "meta.sqlite").write_bytes(good)
+        wait_until(lambda: service.problem is None and service.snapshot.generation == 2, "no recovery")
+        time.sleep(0.1)
+    finally:
+        service.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "downstream.serve"]
+    assert sum("reload failed" in m for m in said) == 1, said
+    assert sum("recovered, serving generation 2" in m for m in said) == 1, said

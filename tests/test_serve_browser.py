@@ -47,6 +47,7 @@ def browser(tmp_path_factory):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1180,800", f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land in the console
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(30)
     yield driver
@@ -68,6 +69,12 @@ def wait_for(driver, condition, what: str, timeout: float = 30):
 def status_after(driver, before: str) -> str:
     return wait_for(driver, lambda d: (s := d.find_element(By.ID, "status").text) != before and
                     "searching" not in s and s, "the search did not finish")
+
+
+def assert_no_policy_violations(driver) -> None:
+    """The page's inline script and style run under its CSP (allowed by their hashes, no 'unsafe-inline')."""
+    violations = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not violations, violations
 
 
 def api_keys(url: str, index: str, **body) -> list[str]:
@@ -106,6 +113,7 @@ def test_image_upload_then_click_a_hit_then_filter_by_label(site, browser):
     filtered = hits(browser)
     assert len(filtered) == K and {h["label"] for h in filtered} == {"seven"}
     assert [h["key"] for h in filtered] == api_keys(url, "digits", key=clicked, k=K, label=7)
+    assert_no_policy_violations(browser)
 
 
 def test_text_query_on_a_clip_index(site, browser):
@@ -119,3 +127,4 @@ def test_text_query_on_a_clip_index(site, browser):
     browser.find_element(By.ID, "textgo").click()
     assert "hits for “a handwritten digit three”" in status_after(browser, "")
     assert [h["key"] for h in hits(browser)] == api_keys(url, "clip", text="a handwritten digit three", k=K)
+    assert_no_policy_violations(browser)

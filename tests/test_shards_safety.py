@@ -1,5 +1,6 @@
-"""Input that must not be trusted: pipe: sources (shell commands), manifests naming files outside their
-folder, and images that do not fit 8-bit L/RGB (16-bit, float, transparency)."""
+"""Input that must not be trusted: pipe: sources (shell commands), webdataset's GOPEN_REWRITE and other schemes
+that run programs, manifests naming files outside their folder, and images that do not fit 8-bit L/RGB (16-bit,
+float, transparency, 16-bit transparency keys)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import io
 import json
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +20,23 @@ from PIL import Image
 from shards.__main__ import main
 from shards.info import info
 from shards.manifest import MANIFEST_NAME, Manifest, ManifestEntryError, ShardInfo, load_manifest, sha256_file
-from shards.sources import ALPHA_COMPOSITED, HIGH_BIT_DEPTH_SCALED, normalize_image
+from shards.record import decode_image
+from shards.sources import ALPHA_COMPOSITED, HIGH_BIT_DEPTH_SCALED, ImageFile, RawSample, normalize_image
 from shards.stream import ShardStream
 from shards.tar import (
     ALLOW_PIPE_ENV,
+    REWRITE_ENV,
     PipeSourceError,
     check_pipe_allowed,
     count_tar_samples,
+    iter_source_samples,
+    iter_tar_samples,
     list_shards,
     open_shard,
+    tar_writer,
 )
 from shards.verify import verify
+from shards.writer import write_shard_set
 
 
 def png(image: Image.Image) -> bytes:
@@ -102,6 +111,104 @@ def test_http_and_plain_paths_need_no_permission(pipe_source) -> None:
     for url in ("PIPE:true", "  pipe:true"):  # however it is spelt
         with pytest.raises(PipeSourceError):
             check_pipe_allowed(url)
+
+
+# ---- GOPEN_REWRITE and schemes that run programs ---------------------------------------------------------
+
+
+@pytest.fixture
+def rewritten_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A 3-sample shard set whose shard path webdataset's GOPEN_REWRITE would turn into a shell command that
+    creates `marker` (and then cats the shard, so the read would even succeed)."""
+    monkeypatch.delenv(ALLOW_PIPE_ENV, raising=False)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    shard = tar_of(folder / "shard-000000.tar", [gray(i) for i in range(3)])
+    Manifest([ShardInfo(shard.name, 3, sha256_file(shard), shard.stat().st_size)]).save(folder)
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REWRITE_ENV, f"{folder}/=pipe:touch {marker} && cat {folder}/")
+    return folder, marker
+
+
+def test_gopen_rewrite_cannot_turn_a_local_shard_into_a_command(rewritten_set, capsys) -> None:
+    folder, marker = rewritten_set
+    shard = str(folder / "shard-000000.tar")
+    named = rf"{re.escape(shard)}' would be rewritten by {REWRITE_ENV}=.* to 'pipe:touch .*never applies"
+    for read in (lambda: open_shard(shard), lambda: list_shards(shard), lambda: count_tar_samples(shard),
+                 lambda: list(iter_source_samples(str(folder))), lambda: list(ShardStream(str(folder), batch_size=1)),
+                 lambda: open_shard(shard, allow_pipe=True)):  # refused even where pipe: sources are allowed
+        with pytest.raises(PipeSourceError, match=named):
+            read()
+    for command in ("verify", "stats", "info"):  # verify used to run the command and print OK
+        assert main([command, str(folder)]) == 2
+        assert f"would be rewritten by {REWRITE_ENV}" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_local_shards_are_plain_files_whatever_their_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local name that parses as a URL scheme ("v2:...") is a file, not a scheme webdataset would dispatch on;
+    a GOPEN_REWRITE rule that does not match the source changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    tar_of(tmp_path / "v2:shard.tar", [gray(1), gray(2)])
+    monkeypatch.setenv(REWRITE_ENV, "http://mirror.invalid/=http://other.invalid/")
+    with open_shard("v2:shard.tar") as f:
+        assert isinstance(f, io.BufferedReader) and f.name == "v2:shard.tar"
+    with open_shard(f"file://{tmp_path}/v2:shard.tar") as f:
+        assert f.name == f"{tmp_path}/v2:shard.tar"
+    assert list_shards("v2:shard.tar") == [("v2:shard.tar", 2)]
+    assert [key for _, key, _ in iter_source_samples("v2:shard.tar")] == ["k0000", "k0001"]
+
+
+def test_tar_writer_writes_a_plain_file_whatever_gopen_rewrite_says(tmp_path: Path, monkeypatch) -> None:
+    """wds.TarWriter(path) opens the path with gopen, so GOPEN_REWRITE could make writing a shard run a command;
+    `tar_writer` opens the file itself and writes the very bytes TarWriter writes to a path."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REWRITE_ENV, f"{tmp_path}/=pipe:touch {marker} && cat > /dev/null #")
+    sample = {"__key__": "k0", "png": png(gray(3)), "cls": b"3"}
+    with tar_writer(tmp_path / "shard.tar", encoder=False, mtime=0) as writer:
+        writer.write(sample)
+        stream = writer.own_fileobj
+    assert stream.closed and not marker.exists()
+    monkeypatch.delenv(REWRITE_ENV)
+    with wds.TarWriter(str(tmp_path / "reference.tar"), encoder=False, mtime=0) as writer:
+        writer.write(sample)
+    assert (tmp_path / "shard.tar").read_bytes() == (tmp_path / "reference.tar").read_bytes()
+    with open_shard(str(tmp_path / "shard.tar")) as f:
+        assert [(key, sorted(files)) for key, files in iter_tar_samples(f)] == [("k0", ["cls", "png"])]
+
+
+def test_writing_a_shard_set_never_runs_a_gopen_rewrite(tmp_path: Path, monkeypatch) -> None:
+    """The shard writer (and the online evaluator's split, which writes tars too) open their files themselves."""
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(REWRITE_ENV, f"{tmp_path}/=pipe:touch {marker} && cat > /dev/null #")
+    assert main(["write", "digits", "--out", str(tmp_path / "set"), "--samples-per-shard", "600"]) == 0
+    assert not marker.exists() and len(list((tmp_path / "set").glob("*.tar"))) == 3
+    monkeypatch.delenv(REWRITE_ENV)
+    assert main(["verify", str(tmp_path / "set")]) == 0
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/shard.tar", "hf://datasets/me/set/shard.tar", "sftp://host/shard.tar",
+                                 "scp://host/shard.tar", "ftps://host/shard.tar", "ais://bucket/shard.tar",
+                                 "htgs://bucket/shard.tar", "GS://bucket/shard-{0..1}.tar"])
+def test_schemes_that_run_a_program_are_refused_unless_allowed(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_PIPE_ENV, raising=False)
+    scheme = url.split(":")[0].lower()
+    named = rf"{re.escape(url)}' has the scheme {scheme}://, which webdataset opens by running an external program; " \
+            rf"refused.*allow_pipe=True.*{ALLOW_PIPE_ENV}=1"
+    for refuse in (lambda: check_pipe_allowed(url), lambda: open_shard(url), lambda: list_shards(url),
+                   lambda: ShardStream(url, batch_size=1)):
+        with pytest.raises(PipeSourceError, match=named):
+            refuse()
+    check_pipe_allowed(url, allow_pipe=True)  # allowed: webdataset's handler for the scheme opens it
+    monkeypatch.setenv(ALLOW_PIPE_ENV, "1")
+    check_pipe_allowed(url)
+
+
+def test_schemes_nothing_can_open_are_refused_even_when_allowed() -> None:
+    for url in ("s3://bucket/shard.tar", "ftp://host/shard.tar"):
+        scheme = url.split(":")[0]
+        with pytest.raises(PipeSourceError, match=rf"scheme {scheme}://, which cannot be opened: use a local path"):
+            open_shard(url, allow_pipe=True)
 
 
 # ---- manifests confined to their folder -----------------------------------------------------------------
@@ -223,3 +330,57 @@ def test_stream_and_verify_read_foreign_16_bit_and_rgba_shards(tmp_path: Path) -
         "1 image(s) stored as RGBA with transparency: the reader converts them (composited onto white)",
     ]
     assert "NOTE 1 image(s) stored as I;16" in report.format() and "OK with 2 note(s)" in report.format()
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png16(pixels: np.ndarray, key: tuple[int, ...]) -> bytes:
+    """A real 16-bit PNG (grayscale (h, w) or RGB (h, w, 3)) with a tRNS transparency key, written with numpy and
+    zlib: Pillow cannot write 16-bit RGB."""
+    h, w = pixels.shape[:2]
+    color_type = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(f">{len(key)}H", *key)) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_16_bit_gray_png_with_a_transparency_key_is_composited(tmp_path: Path) -> None:
+    values = np.array([[0, 1000, 65535], [1000, 30000, 1001]], np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG", transparency=1000)  # Pillow writes the tRNS chunk
+    assert b"tRNS" in buf.getvalue()
+    composited = [[0, 255, 255], [255, 117, 4]]  # the key (1000) white; the rest v/257: 30000 -> 117, 1001 -> 4
+    for data in (buf.getvalue(), png16(values, (1000,))):
+        image = reread_bytes(data)
+        assert image.mode == "I;16" and image.info["transparency"] == 1000
+        out, change = normalize_image(image)
+        assert (out.mode, change, np.asarray(out).tolist()) == ("L", ALPHA_COMPOSITED, composited)
+        assert np.asarray(decode_image(data)).tolist() == composited  # what the stream reads from a foreign shard
+    (tmp_path / "key.png").write_bytes(buf.getvalue())
+    sample = RawSample("k0", ImageFile(tmp_path / "key.png", "key.png"), 0)
+    manifest = write_shard_set([sample], tmp_path / "set", classes=["a"], source="test")
+    assert manifest.conversions == {ALPHA_COMPOSITED: 1}  # counted, not silently scaled
+    [(_, _, files)] = list(iter_source_samples(str(tmp_path / "set")))
+    assert np.asarray(decode_image(files["png"])).tolist() == composited
+    unmatched = reread_bytes(png16(values, (7,)))  # a key no pixel has: only scaled, and counted as that
+    out, change = normalize_image(unmatched)
+    assert change == HIGH_BIT_DEPTH_SCALED and np.asarray(out).tolist() == [[0, 4, 255], [4, 117, 4]]
+
+
+def test_16_bit_rgb_png_with_a_transparency_key_is_composited() -> None:
+    """Pillow keeps the high byte of 16-bit RGB, so the key is matched at that precision."""
+    pixels = np.array([[[1000, 2000, 3000], [65535, 0, 32768]], [[1000, 2000, 3000], [5000, 5000, 5000]]], np.uint16)
+    image = reread_bytes(png16(pixels, (1000, 2000, 3000)))
+    assert image.mode == "RGB" and image.info["transparency"] == (1000, 2000, 3000)
+    out, change = normalize_image(image)
+    assert out.mode == "RGB" and change == ALPHA_COMPOSITED
+    assert np.asarray(out).tolist() == [[[255, 255, 255], [255, 0, 128]], [[255, 255, 255], [19, 19, 19]]]
+
+
+def reread_bytes(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 from shards.__main__ import main
 from shards.info import info
 from shards.manifest import load_manifest, sha256_file
+from shards.ownership import MARKER_NAME
 from shards.record import encode_sample
 from shards.sources import (
     FASHION_MNIST_CLASSES,
@@ -334,7 +335,7 @@ def test_shard_multiple_gives_equal_shards(tmp_path, multiple, per_shard, max_by
     if max_bytes:
         assert len(counts) > 4 and all(s.bytes <= max_bytes for s in manifest.shards)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted([*(s.name for s in manifest.shards),
-                                                                        "manifest.json"])
+                                                                        "manifest.json", MARKER_NAME])
     assert [s["__key__"] for s in read_set(tmp_path / "s")] == [f"{i:08d}" for i in range(601)]
     assert verify(tmp_path / "s").ok
 
@@ -420,7 +421,7 @@ def test_interrupted_writer_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_split_shard_sets(failing(), tmp_path / "split", val_fraction=0.5, classes=source.classes, source="x")
     with pytest.raises(RuntimeError):
-        write_shard_set(failing(), tmp_path / "old", classes=source.classes, source="x")
+        write_shard_set(failing(), tmp_path / "old", classes=source.classes, source="x", overwrite=True)
     assert list((tmp_path / "split").rglob("*")) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "split"]  # the earlier set is untouched
     assert load_manifest(tmp_path / "old") == old and verify(tmp_path / "old").ok
@@ -438,7 +439,7 @@ def test_writer_rejects_bad_samples_and_folders(tmp_path):
         write_shard_set([], tmp_path / "e", classes=[], source="x")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a shard set"):
+    with pytest.raises(FileExistsError, match="vitssl did not write"):
         write_shard_set([RawSample("k", image)], tmp_path / "mine", classes=[], source="x")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 

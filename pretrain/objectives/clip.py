@@ -46,6 +46,7 @@ from pretrain.pooling import from_timm
 from pretrain.recipe import CLIPConfig, RecipeError
 from pretrain.transforms import crop_transform, resolve_stats
 from shards.atomic import atomic_path
+from shards.ownership import mark_output
 from shards.tar import manifest_for
 
 if TYPE_CHECKING:
@@ -348,6 +349,7 @@ def export_open_clip(objective: CLIP, out_dir: str | Path) -> Path:
     }
     with atomic_path(out) as tmp:
         (tmp / IMAGE_TOWER_DIR).mkdir(parents=True)
+        mark_output(tmp, "open_clip")
         # timm's own writer: architecture + the factory's recorded kwargs, so timm rebuilds the exact ViT.
         save_config_for_hf(
             b, tmp / IMAGE_TOWER_DIR / "config.json",
