@@ -1,5 +1,5 @@
 """The colour dataset (shards/colourise.py) and the CPU recipes on it with only data, channel and statistics
-overrides: the small-scale check of issue 15's item 3 (the 10-minute runs are in the README)."""
+overrides: the small-scale check of issue 15's item 3 (the 10-minute runs are in docs/results.md)."""
 
 from __future__ import annotations
 
