@@ -258,14 +258,10 @@ def extract_features(
     raise FeatureError for a sample without a label.
     """
     source = os.fspath(source)
-    kind, depth = parse_pooling(pooling)
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
         precision = accelerator.mixed_precision
-    if precision not in ("no", *_AUTOCAST_DTYPES):
-        raise FeatureError(f"precision={precision!r}: use no, bf16 or fp16")
-    if kind == "last" and depth > len(model.blocks):
-        raise FeatureError(f"pooling={pooling}: the backbone has only {len(model.blocks)} blocks")
+    _check_request(model, pooling, precision)
     check_compatible(model, source, require_labels=require_labels)
     img_size, in_chans = model_geometry(model)
     mean, std = data_stats(model)
@@ -284,54 +280,21 @@ def extract_features(
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = accelerator.device if accelerator else next(model.parameters()).device
-    stream = ShardStream(
-        source,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        transform=eval_transform(img_size, in_chans, mean, std),
-        mode="exact",
-        remainder="pad",  # every rank the same batch count; pads are dropped below
-        shuffle=False,
-        rank=rank,
-        world_size=world,
-        max_bad_fraction=max_bad_fraction,
-    )
-    was_training = model.training
-    model = model.to(device).eval()
-    if accelerator is not None:
-        autocast = accelerator.autocast()
-    elif precision in _AUTOCAST_DTYPES:
-        autocast = torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
-    else:
-        autocast = contextlib.nullcontext()
-    feats, labels, index, pad, keys, captions = [], [], [], [], [], []
-    try:
-        with torch.no_grad(), autocast:
-            for batch in stream.loader():
-                feats.append(embed_batch(model, batch["image"].to(device), pooling).float().cpu())
-                labels.append(batch["label"].long())
-                index.append(batch["index"].long())
-                pad.append(batch["pad"].long())
-                keys.extend(batch["key"])
-                captions.extend(batch["caption"])
-    finally:
-        model.train(was_training)
-    f, lab, idx, pd = torch.cat(feats), torch.cat(labels), torch.cat(index), torch.cat(pad)
+    stream = ShardStream(source, batch_size=batch_size, num_workers=num_workers,
+                         transform=eval_transform(img_size, in_chans, mean, std), mode="exact",
+                         remainder="pad",  # every rank the same batch count; pads are dropped below
+                         shuffle=False, rank=rank, world_size=world, max_bad_fraction=max_bad_fraction)
+    rows = _embed_rows(model, stream, device, _autocast_for(accelerator, precision, device), pooling)
     if world > 1:
-        # Same row count on every rank (remainder="pad"), so the tensor gather lines up with the object gather.
-        f, lab, idx, pd = (gather(t.to(device)).cpu() for t in (f, lab, idx, pd))
-        keys, captions = gather_object(keys), gather_object(captions)
+        rows = _gathered(rows, device)
+    f, lab, idx, pd, keys, captions = rows
     per_rank = len(f) // world
     rank_samples = [int((pd[r * per_rank : (r + 1) * per_rank] == 0).sum()) for r in range(world)]
-    keep = (pd == 0).nonzero().squeeze(1)
-    order = keep[torch.argsort(idx[keep])]
-    sorted_idx = idx[order]
-    if len(sorted_idx) > 1 and bool((sorted_idx[1:] == sorted_idx[:-1]).any()):
-        raise FeatureError("a sample was embedded twice: the stream's exact mode is broken")
+    order = _sample_order(idx, pd)
     result = Features(
         feats=f[order].contiguous(),
         labels=lab[order].contiguous(),
-        indices=sorted_idx.contiguous(),
+        indices=idx[order].contiguous(),
         keys=[keys[i] for i in order.tolist()],
         captions=[captions[i] for i in order.tolist()],
         classes=manifest_class_names(source),
@@ -349,6 +312,64 @@ def extract_features(
     if accelerator is not None:
         accelerator.wait_for_everyone()  # the cache is complete before any rank goes on (e.g. to read it)
     return result
+
+
+def _check_request(model, pooling: str, precision: str) -> None:
+    kind, depth = parse_pooling(pooling)
+    if precision not in ("no", *_AUTOCAST_DTYPES):
+        raise FeatureError(f"precision={precision!r}: use no, bf16 or fp16")
+    if kind == "last" and depth > len(model.blocks):
+        raise FeatureError(f"pooling={pooling}: the backbone has only {len(model.blocks)} blocks")
+
+
+def _autocast_for(accelerator, precision: str, device: torch.device):
+    """The accelerator's autocast, else torch's for `precision` ("bf16", "fp16"), else none."""
+    if accelerator is not None:
+        return accelerator.autocast()
+    if precision in _AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+# One rank's rows, in the stream's order: features, labels, sample indices, pad flags, keys, captions.
+_Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]
+
+
+def _embed_rows(model, stream: ShardStream, device: torch.device, autocast, pooling: str) -> _Rows:
+    """Every batch of `stream` through `model` in eval mode (its train/eval mode restored after)."""
+    was_training = model.training
+    model = model.to(device).eval()
+    feats, labels, index, pad, keys, captions = [], [], [], [], [], []
+    try:
+        with torch.no_grad(), autocast:
+            for batch in stream.loader():
+                feats.append(embed_batch(model, batch["image"].to(device), pooling).float().cpu())
+                labels.append(batch["label"].long())
+                index.append(batch["index"].long())
+                pad.append(batch["pad"].long())
+                keys.extend(batch["key"])
+                captions.extend(batch["caption"])
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels), torch.cat(index), torch.cat(pad), keys, captions
+
+
+def _gathered(rows: _Rows, device: torch.device) -> _Rows:
+    """Every rank's rows, rank after rank. The stream pads every rank to the same row count (remainder="pad"),
+    so the tensor gather lines up with the object gather."""
+    f, lab, idx, pd, keys, captions = rows
+    f, lab, idx, pd = (gather(t.to(device)).cpu() for t in (f, lab, idx, pd))
+    return f, lab, idx, pd, gather_object(keys), gather_object(captions)
+
+
+def _sample_order(idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Positions of the real (not pad) rows, sorted by sample index; each sample must appear once."""
+    keep = (pad == 0).nonzero().squeeze(1)
+    order = keep[torch.argsort(idx[keep])]
+    sorted_idx = idx[order]
+    if len(sorted_idx) > 1 and bool((sorted_idx[1:] == sorted_idx[:-1]).any()):
+        raise FeatureError("a sample was embedded twice: the stream's exact mode is broken")
+    return order
 
 
 def _check_labels(f: Features, source: str) -> None:

@@ -192,29 +192,8 @@ class ShardStream(IterableDataset):
         allow_pipe: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size}: must be > 0")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers}: must be >= 0")
-        if mode not in ("exact", "resampled"):
-            raise ValueError(f"mode={mode!r}: must be 'exact' or 'resampled'")
-        if remainder not in ("drop", "pad"):
-            raise ValueError(f"remainder={remainder!r}: must be 'drop' or 'pad'")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction={max_bad_fraction}: must be in [0, 1]")
-        if epoch_samples < 0:
-            raise ValueError(f"epoch_samples={epoch_samples}: must be >= 0")
-        unknown = sorted(set(require) - set(REQUIRABLE))
-        if unknown:
-            raise ValueError(f"require={list(require)}: unknown {unknown}; valid: {list(REQUIRABLE)}")
-        if rank is None or world_size is None:
-            distributed = dist.is_available() and dist.is_initialized()
-            rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
-            world_size = (
-                world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} with world_size={world_size}: need 0 <= rank < world_size")
+        _check_arguments(batch_size, num_workers, mode, remainder, max_bad_fraction, epoch_samples, require)
+        rank, world_size = _rank_and_world(rank, world_size)
 
         self.batch_size, self.num_workers, self.transform = batch_size, num_workers, transform
         self.mode, self.remainder, self.shuffle, self.shuffle_buffer = (
@@ -228,17 +207,8 @@ class ShardStream(IterableDataset):
         self.allow_pipe = allow_pipe  # pipe: sources run shell commands: refused unless allowed
         self.epoch, self.batches_done = 0, 0
 
-        self.shards: list[Shard] = []  # non-empty shards, canonical order
-        self.empty_shards: list[str] = []
-        offset = 0
-        for url, count in list_shards(source, allow_pipe=allow_pipe):
-            if count == 0:
-                warnings.warn(f"{url}: shard holds no samples; skipped", StreamWarning, stacklevel=2)
-                self.empty_shards.append(url)
-            else:
-                self.shards.append(Shard(url, count, offset))
-            offset += count
-        self.total = offset
+        # non-empty shards in canonical order, the empty ones' urls, and the sample count
+        self.shards, self.empty_shards, self.total = _nonempty_shards(source, allow_pipe)
         if self.total == 0:
             raise ValueError(
                 f"shard source {source!r} holds no samples ({len(self.empty_shards)} empty shards)"
@@ -388,78 +358,6 @@ class ShardStream(IterableDataset):
             pos += run
         return segments
 
-    def _read(self, segment: _Segment, tally: _Tally) -> Iterator[_Record]:
-        """Records [lo, hi) of one shard; samples before `lo` are read past undecoded."""
-        shard = self.shards[segment.shard]
-        got, problem = 0, ""
-        try:
-            with open_shard(shard.url, allow_pipe=self.allow_pipe) as stream:
-                for pos, (key, files) in enumerate(iter_tar_samples(stream)):
-                    got = pos + 1
-                    if pos >= segment.lo:
-                        yield _Record(shard.offset + pos, key, files, segment.pad, shard.url)
-                    if got == segment.hi:
-                        return
-        except PipeSourceError:
-            raise  # a refusal, not a damaged shard
-        except (tarfile.ReadError, OSError, EOFError, ValueError) as e:
-            problem = f"unreadable after sample {got} ({type(e).__name__}: {e})"
-        missing = segment.hi - max(segment.lo, got)
-        if missing > 0:  # counted as bad: the manifest (or scan) promised them
-            problem = problem or f"ends after {got} of {shard.count} samples"
-            tally.add_bad(missing, f"{shard.url}: {problem}; {missing} samples skipped")
-
-    def _resampled_records(self, worker: int, tally: _Tally) -> Iterator[_Record]:
-        rng = random.Random(_seed_of(_TAG_RESAMPLE, self.seed, self.epoch, self.rank, worker))
-        weights = list(itertools.accumulate(s.count for s in self.shards))
-        everything = range(len(self.shards))
-        while True:
-            shard = rng.choices(everything, cum_weights=weights)[0]
-            yield from self._read(_Segment(shard, 0, self.shards[shard].count, False), tally)
-
-    def _parse(self, files: dict[str, bytes]) -> tuple[Image.Image, int, str] | str:
-        """(image, label, caption) of a record, or why it is bad."""
-        if "__bad__" in files:
-            return files["__bad__"].decode()
-        ext = image_extension(files)
-        if ext is None:
-            return no_image_problem(files)
-        try:
-            image = decode_image(files[ext])  # 8-bit L/RGB: high bit depth scaled, transparency onto white
-        except Exception as e:  # PIL raises many types for damaged data; each means the same here
-            return f"unreadable image ({type(e).__name__}: {e})"
-        try:
-            label = parse_label(files)
-        except ValueError as e:
-            return str(e)
-        if label is None:
-            if "label" in self.require:
-                return "no label (.cls) but require has 'label'"
-            label = -1
-        caption = ""
-        if "txt" in files:
-            try:
-                caption = files["txt"].decode("utf-8").strip()
-            except UnicodeDecodeError:
-                return ".txt caption is not UTF-8"
-        if not caption and "caption" in self.require:
-            return "no caption (.txt) but require has 'caption'"
-        return image, label, caption
-
-    def _view(self, image: Image.Image, seed: int, restore_rng: bool) -> Any:
-        """`transform(image)` with torch's CPU RNG and python's `random` seeded by `seed`."""
-        if restore_rng:
-            torch_state, python_state = torch.default_generator.get_state(), random.getstate()
-        # Only the CPU generator: seeding CUDA here would disturb the trainer's GPU RNG.
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return self.transform(image)
-        finally:
-            if restore_rng:
-                torch.default_generator.set_state(torch_state)
-                random.setstate(python_state)
-
     def _iter_worker(self, worker: int, in_worker_process: bool) -> Iterator[dict[str, Any]]:
         """The batches of one (logical) worker for the current epoch, from the resume point on."""
         sizes = worker_batch_sizes(self.samples_per_epoch(), self.batch_size, self._workers)[worker]
@@ -472,10 +370,11 @@ class ShardStream(IterableDataset):
         exact = self.mode == "exact"
         if exact:
             records: Iterator[_Record] = itertools.chain.from_iterable(
-                self._read(s, tally) for s in self._worker_segments(worker)
+                read_segment(self.shards[s.shard], s, tally, self.allow_pipe) for s in self._worker_segments(worker)
             )
         else:
-            records = self._resampled_records(worker, tally)
+            rng = random.Random(_seed_of(_TAG_RESAMPLE, self.seed, self.epoch, self.rank, worker))
+            records = _resampled_records(self.shards, rng, tally, self.allow_pipe)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(_seed_of(_TAG_BUFFER, self.seed, self.epoch, self.rank, worker))
             # A full buffer before the first output: each worker's slice starts at a shard boundary.
@@ -487,7 +386,7 @@ class ShardStream(IterableDataset):
         for ordinal, rec in enumerate(records):
             if ordinal < skip:
                 continue  # delivered before the resume: dropped undecoded
-            parsed = self._parse(rec.files)
+            parsed = parse_record(rec.files, self.require)
             if isinstance(parsed, str):
                 tally.add_bad(1, f"{rec.url}: sample {rec.key!r}: {parsed}")
                 continue
@@ -500,7 +399,7 @@ class ShardStream(IterableDataset):
                     seed = _seed_of(_TAG_VIEW, self.seed, self.epoch, rec.index)
                 else:
                     seed = _seed_of(_TAG_VIEW_RESAMPLED, self.seed, self.epoch, self.rank, worker, ordinal)
-                view = self._view(image, seed, restore_rng)
+                view = seeded_view(self.transform, image, seed, restore_rng)
             sample = {
                 "image": view,
                 "label": label,
@@ -525,6 +424,126 @@ class ShardStream(IterableDataset):
             if len(batch) == sizes[0]:
                 yield _collate(batch, tally)
                 batch, sizes = [], sizes[1:]
+
+
+def _check_arguments(batch_size: int, num_workers: int, mode: str, remainder: str, max_bad_fraction: float,
+                     epoch_samples: int, require: Sequence[str]) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}: must be > 0")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: must be >= 0")
+    if mode not in ("exact", "resampled"):
+        raise ValueError(f"mode={mode!r}: must be 'exact' or 'resampled'")
+    if remainder not in ("drop", "pad"):
+        raise ValueError(f"remainder={remainder!r}: must be 'drop' or 'pad'")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction={max_bad_fraction}: must be in [0, 1]")
+    if epoch_samples < 0:
+        raise ValueError(f"epoch_samples={epoch_samples}: must be >= 0")
+    unknown = sorted(set(require) - set(REQUIRABLE))
+    if unknown:
+        raise ValueError(f"require={list(require)}: unknown {unknown}; valid: {list(REQUIRABLE)}")
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The given rank and world size, the initialised process group's where not given (else 0 of 1)."""
+    if rank is None or world_size is None:
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}: need 0 <= rank < world_size")
+    return rank, world_size
+
+
+def _nonempty_shards(source, allow_pipe: bool) -> tuple[list[Shard], list[str], int]:
+    """(non-empty shards in canonical order, urls of the empty ones, total samples); an empty shard warns."""
+    shards, empty, offset = [], [], 0
+    for url, count in list_shards(source, allow_pipe=allow_pipe):
+        if count == 0:
+            warnings.warn(f"{url}: shard holds no samples; skipped", StreamWarning, stacklevel=3)
+            empty.append(url)
+        else:
+            shards.append(Shard(url, count, offset))
+        offset += count
+    return shards, empty, offset
+
+
+def read_segment(shard: Shard, segment: _Segment, tally: _Tally, allow_pipe: bool) -> Iterator[_Record]:
+    """Records [lo, hi) of one shard; samples before `lo` are read past undecoded. Samples the shard promised
+    (by its manifest or scan) and does not hold are counted as bad in `tally`."""
+    got, problem = 0, ""
+    try:
+        with open_shard(shard.url, allow_pipe=allow_pipe) as stream:
+            for pos, (key, files) in enumerate(iter_tar_samples(stream)):
+                got = pos + 1
+                if pos >= segment.lo:
+                    yield _Record(shard.offset + pos, key, files, segment.pad, shard.url)
+                if got == segment.hi:
+                    return
+    except PipeSourceError:
+        raise  # a refusal, not a damaged shard
+    except (tarfile.ReadError, OSError, EOFError, ValueError) as e:
+        problem = f"unreadable after sample {got} ({type(e).__name__}: {e})"
+    missing = segment.hi - max(segment.lo, got)
+    if missing > 0:
+        problem = problem or f"ends after {got} of {shard.count} samples"
+        tally.add_bad(missing, f"{shard.url}: {problem}; {missing} samples skipped")
+
+
+def _resampled_records(shards: list[Shard], rng: random.Random, tally: _Tally, allow_pipe: bool) -> Iterator[_Record]:
+    """Whole shards drawn with replacement, in proportion to their sizes, for ever."""
+    weights = list(itertools.accumulate(s.count for s in shards))
+    everything = range(len(shards))
+    while True:
+        i = rng.choices(everything, cum_weights=weights)[0]
+        yield from read_segment(shards[i], _Segment(i, 0, shards[i].count, False), tally, allow_pipe)
+
+
+def parse_record(files: dict[str, bytes], require: Sequence[str] = ()) -> tuple[Image.Image, int, str] | str:
+    """(image, label, caption) of a record (label -1 and caption "" when absent), or why it is bad."""
+    if "__bad__" in files:
+        return files["__bad__"].decode()
+    ext = image_extension(files)
+    if ext is None:
+        return no_image_problem(files)
+    try:
+        image = decode_image(files[ext])  # 8-bit L/RGB: high bit depth scaled, transparency onto white
+    except Exception as e:  # PIL raises many types for damaged data; each means the same here
+        return f"unreadable image ({type(e).__name__}: {e})"
+    try:
+        label = parse_label(files)
+    except ValueError as e:
+        return str(e)
+    if label is None:
+        if "label" in require:
+            return "no label (.cls) but require has 'label'"
+        label = -1
+    caption = ""
+    if "txt" in files:
+        try:
+            caption = files["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return ".txt caption is not UTF-8"
+    if not caption and "caption" in require:
+        return "no caption (.txt) but require has 'caption'"
+    return image, label, caption
+
+
+def seeded_view(transform: Callable[[Image.Image], Any], image: Image.Image, seed: int, restore_rng: bool) -> Any:
+    """`transform(image)` with torch's CPU RNG and python's `random` seeded by `seed` (their states restored
+    after when `restore_rng`: in the main process, where the trainer's own draws must not move)."""
+    if restore_rng:
+        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+    # Only the CPU generator: seeding CUDA here would disturb the trainer's GPU RNG.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return transform(image)
+    finally:
+        if restore_rng:
+            torch.default_generator.set_state(torch_state)
+            random.setstate(python_state)
 
 
 def _collate(samples: list[dict[str, Any]], tally: _Tally) -> dict[str, Any]:
