@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from downstream.metrics import mean_std
-from downstream.probe import PROTOCOLS, _prepare, embed_train_test
+from downstream.probe import PROTOCOLS, embed_train_test
+from downstream.probe.inputs import prepare
 from shards.atomic import atomic_path, write_text_atomic
 
 __all__ = [
@@ -168,7 +169,7 @@ def label_efficiency(
     for trained probes the hyper-parameters each seed chose on its held-out rows. `log`: a print-like callable.
     """
     started = time.perf_counter()
-    train_x, train_y, test_x, test_y, num_classes = _prepare(
+    train_x, train_y, test_x, test_y, num_classes = prepare(
         train_features, train_labels, test_features, test_labels, num_classes, classes
     )
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]

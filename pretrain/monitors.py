@@ -10,7 +10,7 @@ Collapse monitors (DINO's failure mode, most reported at small batch sizes; Caro
     n for n orthonormal rows, 1 for rows that are all equal.
 `CollapseMonitor` keeps the last measurement and warns loudly, at most once every `every` steps, when the
 embedding std falls near zero. The alarms that read these measurements over time (entropy near ln K, a loss
-climbing while the rank falls, the online k-NN falling) are `pretrain.evaluate.CollapseAlarms`.
+climbing while the rank falls, the online k-NN falling) are `pretrain.alarms.CollapseAlarms`.
 """
 
 from __future__ import annotations

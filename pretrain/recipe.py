@@ -567,7 +567,7 @@ class EvalConfig:
 
 @dataclass
 class AlarmConfig:
-    """Collapse alarms (`pretrain.evaluate.CollapseAlarms`) on the logged rows: a loss or entropy near its ceiling
+    """Collapse alarms (`pretrain.alarms.CollapseAlarms`) on the logged rows: a loss or entropy near its ceiling
     (DINO: ln out_dim) or a loss climbing towards it, an effective rank or the online k-NN falling from its best."""
 
     enabled: bool = True

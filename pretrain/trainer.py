@@ -29,6 +29,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
+from pretrain.alarms import CollapseAlarms
 from pretrain.backbone import backbone_config, export_backbone, with_data_stats
 from pretrain.checkpoint import (
     CheckpointError,
@@ -42,7 +43,7 @@ from pretrain.checkpoint import (
     torch_optimizer,
 )
 from pretrain.curves import curve_png
-from pretrain.evaluate import CollapseAlarms, OnlineEvaluator, knn_curve_png, knn_summary
+from pretrain.evaluate import OnlineEvaluator, knn_curve_png, knn_summary
 from pretrain.launch import LaunchError, fsdp_units, make_accelerator
 from pretrain.objectives import build_objective
 from pretrain.objectives.base import Objective

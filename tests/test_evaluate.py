@@ -22,15 +22,10 @@ from helpers import ROOT, TINY_VIT, params, tiny_overrides, tiny_recipe, torchru
 
 from downstream.features import extract_features
 from downstream.probe import knn_classify
+from pretrain.alarms import CollapseAlarms
 from pretrain.checkpoint import latest_checkpoint, list_checkpoints
-from pretrain.evaluate import (
-    CollapseAlarms,
-    OnlineEvaluator,
-    draw_split,
-    key_rank,
-    knn_scores,
-    knn_top1,
-)
+from pretrain.evaluate import OnlineEvaluator, draw_split, key_rank
+from pretrain.knn import knn_scores, knn_top1
 from pretrain.recipe import AlarmConfig, EvalConfig, RecipeError, load_recipe
 from pretrain.restore import load_backbone_from
 from pretrain.trainer import Trainer
