@@ -72,9 +72,11 @@ from shards.tar import PipeSourceError, StreamError, StreamWarning, iter_tar_sam
 REQUIRABLE = ("label", "caption")
 # Distinct tags keep the RNG streams derived from the same seed independent.
 _TAG_SHARD_ORDER, _TAG_BUFFER, _TAG_VIEW, _TAG_RESAMPLE, _TAG_VIEW_RESAMPLED, _TAG_ROTATE = 1, 2, 3, 4, 5, 6
+
+
 @dataclass(frozen=True)
 class Shard:
-    url: str  # local path or URL, as given to `webdataset.gopen`
+    url: str  # local path or URL, as given to `shards.tar.open_shard`
     count: int  # samples it holds (manifest or scan)
     offset: int  # canonical index of its first sample
 
