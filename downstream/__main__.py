@@ -217,11 +217,8 @@ def _serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m downstream", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = parser.add_subparsers(dest="verb", required=True)
-
+def _add_probe_verbs(verbs) -> None:
+    """probe and knn: a classifier on frozen features"""
     for verb, text in (("probe", "linear probe on frozen features"), ("knn", "k-NN on frozen features")):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
@@ -248,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-T", "--temperature", type=float, default=0.07)
         p.set_defaults(run=_probe)
 
+
+def _add_label_efficiency(verbs) -> None:
+    """label-efficiency: probe and k-NN from a few labels per class"""
     le = verbs.add_parser("label-efficiency", help="linear probe and k-NN from 1, 5, 10, ... labels per class")
     le.add_argument("checkpoint", help="run folder, checkpoint folder or exported backbone")
     le.add_argument("train", help="labelled shard set the k-shot subsets are drawn from")
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--cache-dir", default=None, help="cache features here (keyed by checkpoint and data)")
     le.set_defaults(run=_label_efficiency)
 
+
+def _add_finetune(verbs) -> None:
+    """finetune: the supervised objective from a pretrained backbone"""
     f = verbs.add_parser("finetune", help="fine-tune a pretrained backbone with labels (the same trainer)")
     f.add_argument("checkpoint", help="pretrained run folder, checkpoint folder or exported backbone")
     f.add_argument("train")
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. run.epochs=5")
     f.set_defaults(run=_finetune)
 
+
+def _add_zeroshot_and_attention(verbs) -> None:
+    """zeroshot (CLIP) and attention maps"""
     z = verbs.add_parser("zeroshot", help="CLIP: zero-shot classification and image-text retrieval")
     z.add_argument("checkpoint", help="CLIP run folder, its open_clip export or a checkpoint")
     z.add_argument("shards", nargs="?", default=None, help="labelled shard set to classify")
@@ -297,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     at.set_defaults(run=_attention)
 
+
+def _add_index(verbs) -> None:
+    """index build | add | info | eval"""
     index = verbs.add_parser("index", help="build, extend or inspect a retrieval index")
     actions = index.add_subparsers(dest="action", required=True)
     b = actions.add_parser("build", help="embed a shard set and save an index folder")
@@ -340,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None)
     ev.set_defaults(run=_index_eval)
 
+
+def _add_query(verbs) -> None:
+    """query: nearest neighbours of images, samples, keys or texts"""
     q = verbs.add_parser("query", help="nearest neighbours of images, shard samples, indexed keys or texts")
     q.add_argument("index")
     q.add_argument("--image", nargs="+",
@@ -361,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache-dir", default=None, help="reuse features of query shard sets embedded before")
     q.set_defaults(run=_query)
 
+
+def _add_serve(verbs) -> None:
+    """serve: the index over HTTP"""
     sv = verbs.add_parser("serve", help="serve index folders over HTTP: a search API and a page (FastAPI)")
     sv.add_argument("index", nargs="+", help="index folder(s); a request picks one by folder name (?index=NAME)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
@@ -374,6 +389,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "POST /reload")
     sv.add_argument("--no-access-log", action="store_true", help="no log line per request")
     sv.set_defaults(run=_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m downstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    _add_probe_verbs(verbs)
+    _add_label_efficiency(verbs)
+    _add_finetune(verbs)
+    _add_zeroshot_and_attention(verbs)
+    _add_index(verbs)
+    _add_query(verbs)
+    _add_serve(verbs)
     return parser
 
 

@@ -64,51 +64,39 @@ def pixels(source: Path):
     return (torch.cat([b["image"].flatten(1) for b in batches]), torch.cat([b["label"] for b in batches]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m downstream.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo", help="folder for everything the demo writes")
-    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (only a folder an "
-                        "earlier demo wrote)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the quickstart recipe's epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help="override the quickstart fine-tuning recipe's epochs (both fine-tunings)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:  # the demo adds to (or, with --fresh, deletes) only a folder it wrote itself
-        if claim_output(out, "demo", resume=True) == "resume" and args.fresh:
+def _claim_folder(out: Path, fresh: bool) -> bool:
+    """Make `out` the demo's folder; False (after one line on stderr) when it holds what the demo did not write.
+    The demo adds to (or, with --fresh, deletes) only a folder it wrote itself."""
+    try:
+        if claim_output(out, "demo", resume=True) == "resume" and fresh:
             shutil.rmtree(out)
     except OutputExistsError as e:
         print(f"error: --out: {e}", file=sys.stderr)
-        return 2
+        return False
     out.mkdir(parents=True, exist_ok=True)
     if marked_kind(out) is None:
         mark_output(out, "demo")
-    t_all = time.monotonic()
-    timings: dict[str, float] = {}
-    pictures: dict[str, str] = {}
+    return True
 
-    t = _step("1. shards: the built-in digits")
-    summaries = write_demo_shards(out / "shards")
-    pictures["sample grid"] = str(out / "shards" / "train_grid.png")
-    timings["shards"] = time.monotonic() - t
 
-    t = _step("2. pretrain: MAE, recipes/quickstart_mae_digits.yaml")
+def _pretrain(out: Path, epochs: int | None, pictures: dict[str, str]):
+    _step("2. pretrain: MAE, recipes/quickstart_mae_digits.yaml")
     from pretrain.recipe import load_recipe
     from pretrain.trainer import train
 
     overrides = [f"data.train={out / 'shards' / 'train'}", f"data.val={out / 'shards' / 'val'}",
                  f"run.out_dir={out / 'runs' / 'mae'}"]
-    if args.epochs:
-        overrides.append(f"run.epochs={args.epochs}")
+    if epochs:
+        overrides.append(f"run.epochs={epochs}")
     result = train(load_recipe(RECIPE, overrides))
-    run_dir = out / "runs" / "mae"
     for p in result.pictures:
         pictures[Path(p).stem.replace("_", " ")] = str(p)
-    timings["pretrain"] = time.monotonic() - t
+    return result
 
-    t = _step("3. evaluate: linear probe and k-NN on frozen features")
-    from downstream.probe import probe_checkpoint
+
+def _evaluate(out: Path, run_dir: Path, pictures: dict[str, str]) -> dict[str, dict]:
+    _step("3. evaluate: linear probe and k-NN on frozen features")
+    from downstream.probe import knn_classify, probe_checkpoint
 
     evaluation: dict[str, dict] = {}
     for name, protocol in (("linear probe", "dino"), ("k-NN", "knn")):
@@ -118,18 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         pictures[f"{name} confusion matrix"] = str(out / "eval" / f"{protocol}_confusion.png")
         print(f"{name:<14} top-1 {r.top1:.3f}  ({r.selection})")
     # The baseline beside the number: k-NN on the raw pixels of the same images.
-    from downstream.probe import knn_classify
-
     raw = [pixels(out / "shards" / split) for split in ("train", "val")]
     r = knn_classify(raw[0][0], raw[0][1], raw[1][0], raw[1][1])
     evaluation["k-NN raw pixels"] = {"top1": r.top1, "top5": r.top5, "selection": r.selection}
     print(f"{'k-NN raw pixels':<14} top-1 {r.top1:.3f}  (baseline: no model)")
-    timings["evaluate"] = time.monotonic() - t
+    return evaluation
 
-    t = _step("4. fine-tune: from the MAE weights, and the same recipe from random weights (the baseline)")
+
+def _finetune_both(out: Path, run_dir: Path, epochs: int | None) -> dict[str, dict]:
+    _step("4. fine-tune: from the MAE weights, and the same recipe from random weights (the baseline)")
     from downstream.finetune import finetune
 
-    ft_overrides = [f"run.epochs={args.finetune_epochs}"] if args.finetune_epochs else []
+    ft_overrides = [f"run.epochs={epochs}"] if epochs else []
     finetuned = {}
     for name, init in (("from MAE", []), ("from random weights", ["objective.supervised.init_from=''"])):
         r = finetune(run_dir, str(out / "shards" / "train"), str(out / "shards" / "val"),
@@ -137,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                      recipe=FINETUNE_RECIPE, overrides=[*init, *ft_overrides])
         finetuned[name] = {"top1": r.top1, "top5": r.top5, "steps": r.settings["steps"]}
         print(f"fine-tuned {name:<20} top-1 {r.top1:.3f}  ({r.settings['steps']} updates)")
-    timings["fine-tune"] = time.monotonic() - t
+    return finetuned
 
-    t = _step("5. index: FAISS over the train split, then query it")
+
+def _index_and_query(out: Path, run_dir: Path, pictures: dict[str, str]):
+    _step("5. index: FAISS over the train split, then query it")
     from downstream.search import build_index, query_index
     from shards.tar import iter_tar_samples, list_shards, open_shard
 
@@ -155,6 +145,66 @@ def main(argv: list[str] | None = None) -> int:
     answer = query_index(index_dir, images=[query_png], keys=[train_key], k=8, sheet=sheet)
     print(answer.table())
     pictures["query contact sheet"] = str(sheet)
+    return index_dir, answer
+
+
+def _print_summary(summary: dict, result, timings: dict[str, float], total: float, out: Path, index_dir: Path) -> None:
+    headline, evaluation, finetuned = summary["headline"], summary["evaluation"], summary["finetune"]
+    pre, base = finetuned["from MAE"], finetuned["from random weights"]
+    print("\n== summary ==")
+    verdict = "pretraining pays" if headline["pretraining_wins"] else "pretraining did NOT pay"
+    print(f"  {verdict:<30} fine-tuned from MAE {pre['top1']:.3f} vs {base['top1']:.3f} from random weights "
+          f"({headline['gain']:+.3f}; same recipe, {pre['steps']} updates each, {summary['shards']['val']} val digits)")
+    print(f"  {'shards':<30} train {summary['shards']['train']}, val {summary['shards']['val']}")
+    print(f"  {'pretrain (MAE)':<30} {result.steps} steps, final loss {result.final_loss:.4f}")
+    for name, row in evaluation.items():
+        top5 = f", top-5 {row['top5']:.3f}" if row.get("top5") is not None else ""
+        print(f"  {name:<30} top-1 {row['top1']:.3f}{top5} on {summary['shards']['val']} val digits")
+    for name, row in finetuned.items():
+        print(f"  {'fine-tuned ' + name:<30} top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f} ({row['steps']} updates)")
+    for q, labels in summary["query"].items():
+        print(f"  {'query ' + Path(q).name:<30} top-8 labels: {', '.join(str(x) for x in labels)}")
+    print(f"  {'time':<30} {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print("\nPictures:")
+    for name, path in summary["pictures"].items():
+        print(f"  {name:<28} {path}")
+    print(f"  summary JSON                 {out / 'summary.json'}")
+    print(f"\nSearch the index in a browser (http://127.0.0.1:8000/):\n  {_serve_command(index_dir)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m downstream.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo", help="folder for everything the demo writes")
+    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first (only a folder an "
+                        "earlier demo wrote)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the quickstart recipe's epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="override the quickstart fine-tuning recipe's epochs (both fine-tunings)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not _claim_folder(out, args.fresh):
+        return 2
+    t_all = time.monotonic()
+    timings: dict[str, float] = {}
+    pictures: dict[str, str] = {}
+
+    t = _step("1. shards: the built-in digits")
+    summaries = write_demo_shards(out / "shards")
+    pictures["sample grid"] = str(out / "shards" / "train_grid.png")
+    timings["shards"] = time.monotonic() - t
+    t = time.monotonic()
+    result = _pretrain(out, args.epochs, pictures)
+    run_dir = out / "runs" / "mae"
+    timings["pretrain"] = time.monotonic() - t
+    t = time.monotonic()
+    evaluation = _evaluate(out, run_dir, pictures)
+    timings["evaluate"] = time.monotonic() - t
+    t = time.monotonic()
+    finetuned = _finetune_both(out, run_dir, args.finetune_epochs)
+    timings["fine-tune"] = time.monotonic() - t
+    t = time.monotonic()
+    index_dir, answer = _index_and_query(out, run_dir, pictures)
     timings["index+query"] = time.monotonic() - t
 
     total = time.monotonic() - t_all
@@ -176,25 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "pictures": pictures,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n== summary ==")
-    verdict = "pretraining pays" if headline["pretraining_wins"] else "pretraining did NOT pay"
-    print(f"  {verdict:<30} fine-tuned from MAE {pre['top1']:.3f} vs {base['top1']:.3f} from random weights "
-          f"({headline['gain']:+.3f}; same recipe, {pre['steps']} updates each, {summary['shards']['val']} val digits)")
-    print(f"  {'shards':<30} train {summary['shards']['train']}, val {summary['shards']['val']}")
-    print(f"  {'pretrain (MAE)':<30} {result.steps} steps, final loss {result.final_loss:.4f}")
-    for name, row in evaluation.items():
-        top5 = f", top-5 {row['top5']:.3f}" if row.get("top5") is not None else ""
-        print(f"  {name:<30} top-1 {row['top1']:.3f}{top5} on {summary['shards']['val']} val digits")
-    for name, row in finetuned.items():
-        print(f"  {'fine-tuned ' + name:<30} top-1 {row['top1']:.3f}, top-5 {row['top5']:.3f} ({row['steps']} updates)")
-    for q, labels in summary["query"].items():
-        print(f"  {'query ' + Path(q).name:<30} top-8 labels: {', '.join(str(x) for x in labels)}")
-    print(f"  {'time':<30} {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
-    print("\nPictures:")
-    for name, path in pictures.items():
-        print(f"  {name:<28} {path}")
-    print(f"  summary JSON                 {out / 'summary.json'}")
-    print(f"\nSearch the index in a browser (http://127.0.0.1:8000/):\n  {_serve_command(index_dir)}")
+    _print_summary(summary, result, timings, total, out, index_dir)
     return 0
 
 

@@ -487,13 +487,7 @@ def query_index(
     """
     image_inputs, shard_sets = resolve_image_inputs(images)
     shard_sets += [str(x) for x in shards]
-    if not image_inputs and not shard_sets and not keys and not texts:
-        raise ValueError("nothing to query: give image files, folders, @lists, shard sets, keys of indexed samples "
-                         "or texts")
-    if sheet is not None and sheet_rows < 1:
-        raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_query(bool(image_inputs or shard_sets or keys or texts), sheet, sheet_rows, batch_size)
     if image_inputs or shard_sets or texts:
         index, embedder = open_index(index_dir, checkpoint)
     else:
@@ -512,13 +506,7 @@ def query_index(
         for spec in shard_sets:
             yield from _shard_batches(index, embedder, spec, k, batch_size, cache_dir, want_pictures(), skip)
         if keys:
-            try:
-                s, i = index.search_by_keys(list(keys), k)
-            except KeyError as e:
-                raise RetrievalError(f"{e.args[0]} in {index_dir}") from None
-            rows = index.rows_for([index.lookup_key(key) for key in keys], thumbnails=want_pictures())
-            yield _Batch([str(key) for key in keys], ["key"] * len(keys), [r["source"] for r in rows],
-                         [{}] * len(keys), [r.get("thumbnail") for r in rows], s, i)
+            yield _key_batch(index, index_dir, keys, k, want_pictures())
         if texts:
             s, i = index.search(embedder.texts(texts).numpy(), k)
             yield _Batch([str(t) for t in texts], ["text"] * len(texts), [None] * len(texts), [{}] * len(texts),
@@ -527,12 +515,8 @@ def query_index(
     sheet_pictures, sheet_drawn, sheet_titles = [], [], []
     for batch in batches():
         rows = index.rows_for(batch.ids, thumbnails=want_pictures())
-        for n, (q_scores, q_ids, q_rows) in enumerate(zip(batch.scores, batch.ids, rows)):
-            found = [(r, s, i, row) for r, (s, i, row) in enumerate(zip(q_scores, q_ids, q_rows)) if row is not None]
-            hits = [{"rank": r + 1, "id": int(i), "score": float(s), **{f: row[f] for f in HIT_FIELDS}}
-                    for r, s, i, row in found]
-            record = {"query": batch.queries[n], "kind": batch.kinds[n], "source": batch.sources[n],
-                      **batch.extra[n], "hits": hits}
+        for n, (record, found) in enumerate(_records(batch, rows)):
+            hits = record["hits"]
             result.count += 1
             if keep:
                 result.queries.append(record["query"])
@@ -554,6 +538,38 @@ def query_index(
     if sheet is not None:
         result.sheet = str(contact_sheet_png(sheet_pictures, sheet_drawn, sheet, sheet_titles))
     return result
+
+
+def _check_query(anything: bool, sheet, sheet_rows: int, batch_size: int) -> None:
+    if not anything:
+        raise ValueError("nothing to query: give image files, folders, @lists, shard sets, keys of indexed samples "
+                         "or texts")
+    if sheet is not None and sheet_rows < 1:
+        raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _key_batch(index: RetrievalIndex, index_dir, keys: Sequence[str], k: int, pictures: bool) -> _Batch:
+    """Indexed samples as queries, by key (a key never finds itself)."""
+    try:
+        s, i = index.search_by_keys(list(keys), k)
+    except KeyError as e:
+        raise RetrievalError(f"{e.args[0]} in {index_dir}") from None
+    rows = index.rows_for([index.lookup_key(key) for key in keys], thumbnails=pictures)
+    return _Batch([str(key) for key in keys], ["key"] * len(keys), [r["source"] for r in rows],
+                  [{}] * len(keys), [r.get("thumbnail") for r in rows], s, i)
+
+
+def _records(batch: _Batch, rows: list) -> Iterator[tuple[dict, list]]:
+    """Each query of `batch` as its JSON record ({"query", "kind", "source", ..., "hits"}), with the hits found
+    as (rank, score, id, row) for the contact sheet; ids without a row (FAISS's -1) are left out."""
+    for n, (q_scores, q_ids, q_rows) in enumerate(zip(batch.scores, batch.ids, rows)):
+        found = [(r, s, i, row) for r, (s, i, row) in enumerate(zip(q_scores, q_ids, q_rows)) if row is not None]
+        hits = [{"rank": r + 1, "id": int(i), "score": float(s), **{f: row[f] for f in HIT_FIELDS}}
+                for r, s, i, row in found]
+        yield {"query": batch.queries[n], "kind": batch.kinds[n], "source": batch.sources[n], **batch.extra[n],
+               "hits": hits}, found
 
 
 def _sheet_title(record: dict) -> str:
