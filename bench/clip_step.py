@@ -67,9 +67,9 @@ def build(recipe, device: torch.device) -> tuple[CLIP, torch.optim.Optimizer]:
                  class_names=resolve_classes("fashion-mnist"), templates=recipe.data.caption_templates)
     model.class_head = torch.nn.Linear(recipe.objective.clip.embed_dim, 10)  # used by image_tower_only only
     model = model.to(device)
-    o = recipe.optim
-    opt = create_optimizer_v2(model, opt=o.name, lr=scaled_lr(o.base_lr, recipe.data.batch_size),
-                              weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+    optim = recipe.optim
+    opt = create_optimizer_v2(model, opt=optim.name, lr=scaled_lr(optim.base_lr, recipe.data.batch_size),
+                              weight_decay=optim.weight_decay, betas=tuple(optim.betas), eps=optim.eps)
     return model.train(), opt
 
 
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = load_recipe(args.recipe, ["model.depth=2"] if args.quick else None)
     b = args.batch_size or (16 if args.quick else recipe.data.batch_size)
     g = torch.Generator().manual_seed(0)
-    m = recipe.model
+    model_cfg = recipe.model
     batch = {
-        "image": torch.randn(b, m.in_chans, m.img_size, m.img_size, generator=g).to(device),
+        "image": torch.randn(b, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size, generator=g).to(device),
         "label": torch.randint(0, 10, (b,), generator=g),
         "index": torch.arange(b),
         "caption": [""] * b,
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             "recipe": str(Path(args.recipe).relative_to(ROOT) if Path(args.recipe).is_relative_to(ROOT) else args.recipe),
             "image_tower": f"ViT embed {model.backbone.embed_dim}, depth {len(model.backbone.blocks)}, "
-                           f"img {m.img_size}x{m.img_size}x{m.in_chans}, patch {m.patch_size}",
+                           f"img {model_cfg.img_size}x{model_cfg.img_size}x{model_cfg.in_chans}, "
+                           f"patch {model_cfg.patch_size}",
             "text_tower": f"width {model.cfg.text_width}, layers {model.cfg.text_layers}, "
                           f"context {model.cfg.text_context_length}",
             "batch_size": b,

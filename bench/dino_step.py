@@ -61,13 +61,14 @@ def build(overrides: list[str], args: argparse.Namespace):
     quick = ["model.depth=2"] if args.quick else []  # --quick: 2 of the recipe's 4 blocks, the same code path
     recipe = load_recipe(RECIPE, ["objective.dino.augment=pil", *quick, *overrides])
     dino: DINO = build_objective(recipe).to(args.device).train()
-    o = recipe.optim
-    opt = create_optimizer_v2(dino, o.name, lr=1e-4, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    optim = recipe.optim
+    opt = create_optimizer_v2(dino, optim.name, lr=1e-4, weight_decay=optim.weight_decay,
+                              betas=tuple(optim.betas))
     b = args.batch_size or (16 if args.quick else recipe.data.batch_size)
-    c, g, d = dino.in_chans, dino.global_size, dino.cfg
+    c, g, dino_cfg = dino.in_chans, dino.global_size, dino.cfg
     views = [torch.randn(b, c, g, g, device=args.device) for _ in range(2)]
-    views += [torch.randn(b, c, d.local_crop_size, d.local_crop_size, device=args.device)
-              for _ in range(d.local_crops_number)]
+    views += [torch.randn(b, c, dino_cfg.local_crop_size, dino_cfg.local_crop_size, device=args.device)
+              for _ in range(dino_cfg.local_crops_number)]
     return dino, opt, {"image": views}, b
 
 

@@ -82,13 +82,13 @@ def protocols(quick: bool, min_steps: int | None = None) -> dict:
         LINEAR_PROBES[0]: ("linear", lambda *d: linear_probe_dino(*d, classes=classes, **dino)),
         LINEAR_PROBES[1]: ("linear", lambda *d: linear_probe_mae(*d, classes=classes, **mae)),
         "k-NN (DINO protocol: k=20, T=0.07, cosine)": ("knn", lambda *d: knn_classify(*d, classes=classes)),
-    }  # fmt: skip
+    }
 
 
 def sklearn_logistic_regression(
     train_x, train_y, test_x, test_y, *, classes=None, quick: bool = False, held_out_fraction: float = 0.2,
     seed: int = 0,
-) -> ProbeResult:  # fmt: skip
+) -> ProbeResult:
     """The reference every linear probe is held to: scikit-learn's LogisticRegression (lbfgs, multinomial) on
     standardised features, C chosen on the same seeded held-out split of train the probes use (best held-out
     accuracy, then log-loss), refit on all of train with that C, scored on test."""
@@ -125,7 +125,7 @@ def sklearn_logistic_regression(
         settings={"C": best["C"], "max_iter": max_iter, "solver": "lbfgs", "held_out_fraction": held_out_fraction,
                   "iterations": int(np.max(final.n_iter_))},
         sweep=sweep, selection=f"C {best['C']:g} chosen on {len(held)} held-out train rows, refit on all of train",
-    )  # fmt: skip
+    )
 
 
 def load_pixels(folder: Path, n_train: int | None, n_test: int | None):
@@ -168,7 +168,7 @@ def row(features: str, method: str, paper_key: str, result: ProbeResult | None, 
 
 
 def evaluate(features: str, data: tuple, quick: bool, out: Path | None, stem: str,
-             min_steps: int | None = None) -> list[dict]:  # fmt: skip
+             min_steps: int | None = None) -> list[dict]:
     rows = []
     for method, (paper_key, run) in protocols(quick, min_steps).items():
         result = run(*data)
@@ -184,7 +184,7 @@ def evaluate(features: str, data: tuple, quick: bool, out: Path | None, stem: st
 
 
 def efficiency(features: str, data: tuple, quick: bool, shots, seeds: int, out: Path | None, stem: str,
-               min_steps: int | None = None) -> dict:  # fmt: skip
+               min_steps: int | None = None) -> dict:
     """Label-efficiency table on one feature set: the DINO-protocol linear probe and k-NN from k labels per class
     (subsets drawn from train only, per seed), scored on the whole test split; mean ± std over seeds."""
     probe = {"min_steps": 20, "epochs": 5, "base_lrs": (0.1, 1.0), "weight_decays": (0.0, 1e-3),
@@ -218,7 +218,7 @@ def finetune_row(checkpoint: str | None, recipe: str | None, *, quick: bool) -> 
     return row(features, "fine-tune (supervised, all layers)", "finetune", None, reason=reason)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="600 train / 300 test, short probes (a smoke check)")
     ap.add_argument("--data", type=Path, default=FMNIST_DIR, help="folder with the four IDX files")
@@ -241,6 +241,60 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if bool(args.train_shards) != bool(args.test_shards):
         ap.error("give both --train-shards and --test-shards, or neither")
+    return args
+
+
+def checkpoint_features(args: argparse.Namespace, n_train: int | None, n_test: int | None, info: dict):
+    """(train, test) frozen features of `args.checkpoint` on the shard sets, written from the IDX files when none
+    are given; records the write and embedding seconds and the feature sets in `info`."""
+    with tempfile.TemporaryDirectory(prefix="fmnist-shards-") as tmp:
+        if args.train_shards:
+            train_shards, test_shards = args.train_shards, args.test_shards
+        else:
+            # Kept beside the feature cache when there is one, so a second run neither writes nor embeds.
+            where = Path(args.cache_dir) / f"fmnist-shards-{n_train or 'all'}-{n_test or 'all'}" \
+                if args.cache_dir else Path(tmp)
+            train_shards, test_shards = where / "train", where / "test"
+            if not all((p / MANIFEST_NAME).is_file() for p in (train_shards, test_shards)):
+                t = time.perf_counter()
+                write_idx_shards(args.data, where, n_train, n_test)
+                info["shard_write_seconds"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        from pretrain.restore import load_backbone_from
+
+        backbone = load_backbone_from(args.checkpoint)
+        train = load_labelled_features(backbone, train_shards, pooling=args.pooling, cache_dir=args.cache_dir,
+                                       batch_size=args.batch_size)
+        test = load_labelled_features(backbone, test_shards, pooling=args.pooling, cache_dir=args.cache_dir,
+                                      batch_size=args.batch_size)
+    info["embed_seconds"] = round(time.perf_counter() - t, 2)
+    info["features"] = {"train": train.to_dict(), "test": test.to_dict()}
+    return train, test
+
+
+def checkpoint_rows(args: argparse.Namespace, pixels: tuple, rows: list[dict], tables: list[dict], info: dict,
+                    n_train: int | None, n_test: int | None, shots, seeds: int) -> list[dict]:
+    """The checkpoint's rows (each with its ratio to raw pixels by the same method); its label-efficiency table
+    is appended to `tables`."""
+    train, test = checkpoint_features(args, n_train, n_test, info)
+    if (len(train), len(test)) != (len(pixels[1]), len(pixels[3])):
+        print(f"# note: shards hold {len(train)}/{len(test)} samples, pixels {len(pixels[1])}/{len(pixels[3])}",
+              file=sys.stderr)
+    name = f"checkpoint {args.checkpoint} ({args.pooling})"
+    feats = (train.feats, train.labels, test.feats, test.labels)
+    ckpt_rows = evaluate(name, feats, args.quick, args.out, f"checkpoint_{args.pooling}", args.min_steps)
+    if not args.no_label_efficiency:
+        tables.append(efficiency(name, feats, args.quick, shots, seeds, args.out, f"checkpoint_{args.pooling}",
+                                 args.min_steps))
+    baseline = {r["method"]: r["top1"] for r in rows if r["features"] == "raw pixels"}
+    for r in ckpt_rows:
+        if baseline.get(r["method"]):
+            r["ratio_to_raw_pixels"] = round(r["top1"] / baseline[r["method"]], 4)
+    return ckpt_rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     started = time.perf_counter()
     n_train, n_test = QUICK_SIZES if args.quick else (args.train_limit, args.test_limit)
     shots = [int(k) for k in args.shots.split(",")] if args.shots else ([1, 10] if args.quick else [1, 5, 10, 25, 100])
@@ -255,44 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             tables.append(efficiency("raw pixels", pixels, args.quick, shots, seeds, args.out, "pixels",
                                      args.min_steps))
     info = {"train": len(pixels[1]), "test": len(pixels[3]), "dir": str(args.data)}
-
     if args.checkpoint:
-        with tempfile.TemporaryDirectory(prefix="fmnist-shards-") as tmp:
-            if args.train_shards:
-                train_shards, test_shards = args.train_shards, args.test_shards
-            else:
-                # Kept beside the feature cache when there is one, so a second run neither writes nor embeds.
-                where = Path(args.cache_dir) / f"fmnist-shards-{n_train or 'all'}-{n_test or 'all'}" \
-                    if args.cache_dir else Path(tmp)
-                train_shards, test_shards = where / "train", where / "test"
-                if not all((p / MANIFEST_NAME).is_file() for p in (train_shards, test_shards)):
-                    t = time.perf_counter()
-                    write_idx_shards(args.data, where, n_train, n_test)
-                    info["shard_write_seconds"] = round(time.perf_counter() - t, 2)
-            t = time.perf_counter()
-            from pretrain.restore import load_backbone_from
-
-            backbone = load_backbone_from(args.checkpoint)
-            train = load_labelled_features(backbone, train_shards, pooling=args.pooling, cache_dir=args.cache_dir,
-                                           batch_size=args.batch_size)
-            test = load_labelled_features(backbone, test_shards, pooling=args.pooling, cache_dir=args.cache_dir,
-                                          batch_size=args.batch_size)
-        info["embed_seconds"] = round(time.perf_counter() - t, 2)
-        info["features"] = {"train": train.to_dict(), "test": test.to_dict()}
-        if (len(train), len(test)) != (len(pixels[1]), len(pixels[3])):
-            print(f"# note: shards hold {len(train)}/{len(test)} samples, pixels {len(pixels[1])}/{len(pixels[3])}",
-                  file=sys.stderr)
-        name = f"checkpoint {args.checkpoint} ({args.pooling})"
-        feats = (train.feats, train.labels, test.feats, test.labels)
-        ckpt_rows = evaluate(name, feats, args.quick, args.out, f"checkpoint_{args.pooling}", args.min_steps)
-        if not args.no_label_efficiency:
-            tables.append(efficiency(name, feats, args.quick, shots, seeds, args.out, f"checkpoint_{args.pooling}",
-                                     args.min_steps))
-        baseline = {r["method"]: r["top1"] for r in rows if r["features"] == "raw pixels"}
-        for r in ckpt_rows:
-            if baseline.get(r["method"]):
-                r["ratio_to_raw_pixels"] = round(r["top1"] / baseline[r["method"]], 4)
-        rows += ckpt_rows
+        rows += checkpoint_rows(args, pixels, rows, tables, info, n_train, n_test, shots, seeds)
     rows.append(finetune_row(args.checkpoint, args.finetune_recipe, quick=args.quick))
 
     report = {

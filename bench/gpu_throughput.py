@@ -212,14 +212,15 @@ def build(kind: str, device: torch.device, tiny: bool, local_crops: int) -> tupl
 def make_optimizer(obj, recipe: Recipe, device: torch.device, batch: int) -> torch.optim.Optimizer:
     """As `pretrain.trainer.Trainer`: timm's create_optimizer_v2 (no-weight-decay groups, layer-wise lr decay where
     the recipe sets it), betas for the Adam family, fused Adam(W) on CUDA; lr = base_lr x batch / 256."""
-    o = recipe.optim
-    kwargs: dict[str, Any] = {"eps": o.eps}
-    if o.name.lower() in ("adamw", "adam", "lamb", "adan", "lion", "nadamw"):
-        kwargs["betas"] = tuple(o.betas)
-    if o.name.lower() in ("adamw", "adam") and device.type == "cuda":
+    optim = recipe.optim
+    kwargs: dict[str, Any] = {"eps": optim.eps}
+    if optim.name.lower() in ("adamw", "adam", "lamb", "adan", "lion", "nadamw"):
+        kwargs["betas"] = tuple(optim.betas)
+    if optim.name.lower() in ("adamw", "adam") and device.type == "cuda":
         kwargs["fused"] = True
-    return create_optimizer_v2(obj, opt=o.name, lr=o.base_lr * batch / 256, weight_decay=o.weight_decay,
-                               momentum=o.momentum, layer_decay=o.layer_decay or None, **kwargs)
+    return create_optimizer_v2(obj, opt=optim.name, lr=optim.base_lr * batch / 256,
+                               weight_decay=optim.weight_decay, momentum=optim.momentum,
+                               layer_decay=optim.layer_decay or None, **kwargs)
 
 
 def view_sizes(kind: str, obj) -> list[int]:
@@ -358,17 +359,18 @@ def describe(v: Variant) -> dict[str, Any]:
     model = v.recipe.model.name + (" with the tiny dimensions below" if v.recipe.model.embed_dim else "")
     out: dict[str, Any] = {"recipe": str(RECIPES[v.kind].relative_to(ROOT)), "model": model, **dm}
     if v.kind == "mae":
-        c = v.obj.cfg
-        out.update(img_size=v.obj.img_size[0], mask_ratio=c.mask_ratio, norm_pix_loss=c.norm_pix_loss,
-                   encoder_tokens=v.obj.num_prefix + num_kept(v.obj.num_patches, c.mask_ratio),
-                   decoder={"embed_dim": c.decoder_embed_dim, "depth": c.decoder_depth, "num_heads": c.decoder_num_heads},
+        mae = v.obj.cfg
+        out.update(img_size=v.obj.img_size[0], mask_ratio=mae.mask_ratio, norm_pix_loss=mae.norm_pix_loss,
+                   encoder_tokens=v.obj.num_prefix + num_kept(v.obj.num_patches, mae.mask_ratio),
+                   decoder={"embed_dim": mae.decoder_embed_dim, "depth": mae.decoder_depth,
+                            "num_heads": mae.decoder_num_heads},
                    views=[f"{v.obj.img_size[0]}x{v.obj.img_size[1]}"])
     else:
-        c = v.obj.cfg
+        dino = v.obj.cfg
         out.update(views=[f"{s}x{s}" for s in view_sizes(v.kind, v.obj)], global_crops=N_GLOBAL,
-                   local_crops=c.local_crops_number,
-                   head={"hidden_dim": c.hidden_dim, "bottleneck_dim": c.bottleneck_dim, "out_dim": c.out_dim,
-                         "layers": c.head_layers},
+                   local_crops=dino.local_crops_number,
+                   head={"hidden_dim": dino.hidden_dim, "bottleneck_dim": dino.bottleneck_dim,
+                         "out_dim": dino.out_dim, "layers": dino.head_layers},
                    teacher="forward on the global views (no grad) + EMA update after every step")
     return out
 
@@ -385,27 +387,25 @@ def tiny_cpu_crosscheck(local_crops: int) -> dict[str, Any]:
     return out
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark for parsed arguments (`parse_args`): the result dict that `main` prints."""
-    device = torch.device(args.device)
+def resolve_device(name: str) -> torch.device:
+    """The device to run on; a bare "cuda" pinned to the current GPU's index."""
+    device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cuda = device.type == "cuda"
-    t_start = time.perf_counter()
+    return device
 
-    variants = {"mae": Variant("mae", args, device, args.batch_size_mae),
-                "dino": Variant("dino", args, device, args.batch_size_dino)}
-    counted = {name: counted_flops_per_image(name, v.obj, device) for name, v in variants.items()}
-    if args.compile:
-        for v in variants.values():
-            v.obj.compile()  # in place, as the trainer's run.compile
 
+def peak_settings(cuda: bool, quick: bool) -> tuple[torch.dtype, int, int, int]:
+    """(dtype, n, reps, trials) of the matmul peak: bf16 8192^3 on a GPU, a small fp32 one on a CPU."""
     peak_dtype = torch.bfloat16 if cuda else torch.float32
-    peak_n = 8192 if cuda else (512 if args.quick else 1024)
-    peak_reps, peak_trials = (50, 5) if cuda else (4 if args.quick else 5, 3)
-    peak_before = matmul_peak(device, peak_dtype, peak_n, peak_reps, peak_trials)
-    log(f"matmul peak {peak_before / 1e12:.3f} TFLOP/s ({peak_dtype}, n={peak_n})")
+    peak_n = 8192 if cuda else (512 if quick else 1024)
+    peak_reps, peak_trials = (50, 5) if cuda else (4 if quick else 5, 3)
+    return peak_dtype, peak_n, peak_reps, peak_trials
 
+
+def timed_rounds(variants: dict[str, Variant], args: argparse.Namespace, device: torch.device) -> None:
+    """Warm every variant up, then time them interleaved round by round (peak memory per variant on CUDA)."""
+    cuda = device.type == "cuda"
     for v in variants.values():
         for _ in range(args.warmup):
             v.step()
@@ -418,12 +418,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if cuda:
                 v.peak_mem = max(v.peak_mem, torch.cuda.max_memory_allocated(device) / 2**30)
             log(f"round {r + 1}/{args.rounds} {name}: median {1000 * statistics.median(v.times):.1f} ms/step")
-    peak_after = matmul_peak(device, peak_dtype, peak_n, peak_reps, peak_trials)
-    peak = max(peak_before, peak_after)
-    name = device_name(device)
-    sheet = datasheet_peak(name) if cuda else None
 
-    result: dict[str, Any] = {
+
+def run_header(args: argparse.Namespace, device: torch.device, name: str, peak_dtype: torch.dtype, peak_n: int,
+               peaks: tuple[float, float], sheet: float | None) -> dict[str, Any]:
+    """The result's settings: device, precision, optimizer, inputs, step counts and the matmul peak used."""
+    cuda = device.type == "cuda"
+    peak_before, peak_after = peaks
+    return {
         "benchmark": "gpu_throughput",
         "quick": args.quick,
         "device": name,
@@ -444,37 +446,67 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "what": f"best rate of torch.matmul {peak_n}x{peak_n}x{peak_n} {str(peak_dtype).replace('torch.', '')}",
             "flops_per_s_before": round(peak_before),
             "flops_per_s_after": round(peak_after),
-            "flops_per_s_used": round(peak),
+            "flops_per_s_used": round(max(peak_before, peak_after)),
             "datasheet_dense_bf16_flops_per_s": sheet,
         },
         "flops_formula": "FLOPs = 2 x MACs; block(N,D) = 12ND^2 + 2N^2D (MLP 4D); training 3x forward, patch "
                          "embedding 2x (no pixel grad), DINO teacher 1x; see the docstring",
     }
+
+
+def variant_entry(v: Variant, counted: float, peak: float, sheet: float | None, cuda: bool) -> dict[str, Any]:
+    """One variant's images/s, step times, FLOPs (analytic and counted) and MFU."""
+    analytic, parts = v.flops()
+    median, best = statistics.median(v.times), min(v.times)
+    ips = v.batch / median
+    achieved = analytic * ips
+    entry: dict[str, Any] = {
+        "config": describe(v),
+        "batch_size": v.batch,
+        "grad_clip": v.clip,
+        "images_per_s": round(ips, 2),
+        "images_per_s_best_step": round(v.batch / best, 2),
+        "step_ms_median": round(1000 * median, 3),
+        "step_ms_best": round(1000 * best, 3),
+        "timed_steps": len(v.times),
+        "flops_per_image_analytic": analytic,
+        "flops_per_image_counted": counted,
+        "counted_over_analytic": round(counted / analytic, 6),
+        "flops_breakdown_per_image": parts,
+        "achieved_tflops": round(achieved / 1e12, 4),
+        "mfu": round(achieved / peak, 4),
+        "mfu_vs_datasheet": round(achieved / sheet, 4) if sheet else None,
+    }
+    if cuda:
+        entry["peak_mem_gib"] = round(v.peak_mem, 2)
+    return entry
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark for parsed arguments (`parse_args`): the result dict that `main` prints."""
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    t_start = time.perf_counter()
+
+    variants = {"mae": Variant("mae", args, device, args.batch_size_mae),
+                "dino": Variant("dino", args, device, args.batch_size_dino)}
+    counted = {name: counted_flops_per_image(name, v.obj, device) for name, v in variants.items()}
+    if args.compile:
+        for v in variants.values():
+            v.obj.compile()  # in place, as the trainer's run.compile
+
+    peak_dtype, peak_n, peak_reps, peak_trials = peak_settings(cuda, args.quick)
+    peak_before = matmul_peak(device, peak_dtype, peak_n, peak_reps, peak_trials)
+    log(f"matmul peak {peak_before / 1e12:.3f} TFLOP/s ({peak_dtype}, n={peak_n})")
+    timed_rounds(variants, args, device)
+    peak_after = matmul_peak(device, peak_dtype, peak_n, peak_reps, peak_trials)
+    peak = max(peak_before, peak_after)
+    name = device_name(device)
+    sheet = datasheet_peak(name) if cuda else None
+
+    result = run_header(args, device, name, peak_dtype, peak_n, (peak_before, peak_after), sheet)
     for vname, v in variants.items():
-        analytic, parts = v.flops()
-        median, best = statistics.median(v.times), min(v.times)
-        ips = v.batch / median
-        achieved = analytic * ips
-        entry: dict[str, Any] = {
-            "config": describe(v),
-            "batch_size": v.batch,
-            "grad_clip": v.clip,
-            "images_per_s": round(ips, 2),
-            "images_per_s_best_step": round(v.batch / best, 2),
-            "step_ms_median": round(1000 * median, 3),
-            "step_ms_best": round(1000 * best, 3),
-            "timed_steps": len(v.times),
-            "flops_per_image_analytic": analytic,
-            "flops_per_image_counted": counted[vname],
-            "counted_over_analytic": round(counted[vname] / analytic, 6),
-            "flops_breakdown_per_image": parts,
-            "achieved_tflops": round(achieved / 1e12, 4),
-            "mfu": round(achieved / peak, 4),
-            "mfu_vs_datasheet": round(achieved / sheet, 4) if sheet else None,
-        }
-        if cuda:
-            entry["peak_mem_gib"] = round(v.peak_mem, 2)
-        result[vname] = entry
+        result[vname] = variant_entry(v, counted[vname], peak, sheet, cuda)
     result["mfu_target_mae"] = MFU_TARGET
     result["meets_target"] = result["mae"]["mfu"] >= MFU_TARGET
     if not args.tiny:

@@ -76,16 +76,17 @@ def trained_rate(objective: str, shards: Path, out: Path, steps: int, extra: lis
 
 def step_only_rate(objective: str, shards: Path, steps: int, extra: list[str]) -> float:
     """The recipe's model, loss and AdamW step on one batch of inputs made beforehand (no loading, no views)."""
-    r = load_recipe(RECIPES[objective], [f"data.train={shards}", *QUIET, *extra])
-    obj = build_objective(r).train()
+    recipe = load_recipe(RECIPES[objective], [f"data.train={shards}", *QUIET, *extra])
+    obj = build_objective(recipe).train()
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    b, c = r.data.batch_size, r.model.in_chans
+    b, c = recipe.data.batch_size, recipe.model.in_chans
     if objective == "dino":
-        sizes = [obj.global_size] * 2 + [r.objective.dino.local_crop_size] * r.objective.dino.local_crops_number
+        dino = recipe.objective.dino
+        sizes = [obj.global_size] * 2 + [dino.local_crop_size] * dino.local_crops_number
         batch = {"image": [torch.randn(b, c, s, s, generator=g) for s in sizes]}
     else:
-        batch = {"image": torch.randn(b, c, r.model.img_size, r.model.img_size, generator=g)}
+        batch = {"image": torch.randn(b, c, recipe.model.img_size, recipe.model.img_size, generator=g)}
     times = []
     for i in range(steps):
         t0 = time.perf_counter()

@@ -86,7 +86,7 @@ def _label_efficiency(a: argparse.Namespace) -> int:
         a.checkpoint, a.train, a.test, pooling=a.pooling, cache_dir=a.cache_dir, out_dir=a.out,
         batch_size=a.batch_size, num_workers=a.num_workers, shots=a.shots, seeds=a.seeds, methods=methods,
         protocol=a.protocol, knn_k=a.k, temperature=a.temperature, log=lambda m: print(m, flush=True),
-    )  # fmt: skip
+    )
     print(result.table())
     print(f"wrote {a.out}/label_efficiency.json and {a.out}/label_efficiency.png")
     return 0

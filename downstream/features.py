@@ -88,7 +88,7 @@ class Features:
             "source": self.source, "pooling": self.pooling, "fingerprint": self.fingerprint,
             "count": len(self), "dim": self.dim, "num_classes": self.num_classes, "classes": list(self.classes),
             "num_skipped": self.num_skipped, "cached": self.cached, "cache_path": self.cache_path,
-        }  # fmt: skip
+        }
 
 
 def parse_pooling(pooling: str) -> tuple[str, int]:
@@ -172,7 +172,7 @@ def check_compatible(model, source: str, *, require_labels: bool = False) -> Non
 def cache_key(fingerprint: str, mean, std, pooling: str, precision: str, data_digest: str) -> str:
     """Everything the feature values depend on, digested."""
     what = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "mean": list(mean), "std": list(std),
-            "pooling": pooling, "precision": precision, "data": data_digest}  # fmt: skip
+            "pooling": pooling, "precision": precision, "data": data_digest}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -198,14 +198,14 @@ def _read_cache(path: Path, key: str) -> Features | None:
             and feats.ndim == 2 and feats.dtype == torch.float32
             and labels.shape == indices.shape == (n,)
             and len(side["keys"]) == len(side["captions"]) == n
-        )  # fmt: skip
+        )
         if not ok:
             raise ValueError("its two files do not belong together or do not match the key")
         return Features(
             feats, labels, indices, list(side["keys"]), list(side["captions"]), list(side["classes"]),
             pooling=side["pooling"], fingerprint=side["fingerprint"], source=side["source"],
             num_skipped=int(side["num_skipped"]), rank_samples=[], cached=True, cache_path=str(path),
-        )  # fmt: skip
+        )
     except Exception as e:  # a damaged cache is recomputed, never trusted
         warnings.warn(f"feature cache {path} is unusable ({type(e).__name__}: {e}); re-embedding", stacklevel=3)
         return None
@@ -401,4 +401,4 @@ def load_labelled_features(
     return extract_features(
         backbone, source, pooling=pooling, batch_size=batch_size, num_workers=num_workers,
         accelerator=accelerator, precision=precision, cache_dir=cache_dir, require_labels=True,
-    )  # fmt: skip
+    )

@@ -188,7 +188,7 @@ def label_efficiency(
                 lambda *d, **kw: PROTOCOLS["knn"](*d, **kw, k=knn_k, temperature=temperature)),
         "cosine": ("cosine classifier", lambda *d, **kw: PROTOCOLS["cosine"](*d, **kw)),
         "centre": ("class centre (cosine)", lambda *d, **kw: PROTOCOLS["centre"](*d, **kw)),
-    }  # fmt: skip
+    }
     per_seed = {s: few_shot_subsets(train_y, shot_list, s) for s in seed_list}
     rows = []
     for method in methods:
@@ -217,7 +217,7 @@ def label_efficiency(
         settings={"protocol": protocol, "knn_k": knn_k, "temperature": temperature, "probe_kwargs": probe_kwargs
                   | {"seed": "per seed"}, "subsets": "per class, seeded, nested across shots, from train only"},
         seconds=round(time.perf_counter() - started, 3),
-    )  # fmt: skip
+    )
 
 
 def label_efficiency_checkpoint(

@@ -12,7 +12,7 @@ def curve_png(steps: Sequence[float], values: Sequence[float], out: Path, *, yla
               baseline: tuple[str, float] | None = None, marker: str | None = None) -> Path:
     """`values` against the step, with an optional dashed, labelled horizontal baseline; written atomically."""
     from matplotlib.figure import (
-        Figure,  # not pyplot: no global state, safe off the main thread; lazy: ~1 s import
+        Figure,  # not pyplot: no global state, safe off the main thread; lazy: a slow import
     )
 
     fig = Figure(figsize=(6, 3.5), dpi=100)

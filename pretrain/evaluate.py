@@ -327,13 +327,14 @@ class OnlineEvaluator:
         """This rank's view of whether an evaluation is due after update `step` (the trainer ORs it over ranks)."""
         if not self.active or step == self.last_step:
             return False
-        c = self.cfg
-        if c.every_steps and step % c.every_steps == 0:
+        eval_cfg = self.cfg
+        if eval_cfg.every_steps and step % eval_cfg.every_steps == 0:
             return True
-        if c.every_minutes > 0:
+        if eval_cfg.every_minutes > 0:
             now = time.monotonic() if now is None else now
             # ... and not before the last evaluation's cost is eval.max_fraction of the time since it ended.
-            wait = max(60 * c.every_minutes, self._last_cost / c.max_fraction if c.max_fraction > 0 else 0.0)
+            cost_wait = self._last_cost / eval_cfg.max_fraction if eval_cfg.max_fraction > 0 else 0.0
+            wait = max(60 * eval_cfg.every_minutes, cost_wait)
             return now - self._last_end >= wait
         return False
 

@@ -213,17 +213,18 @@ class MAEConfig:
 
     def validate_recipe(self, recipe: Recipe) -> None:
         """The patch grid the model makes: at least one visible patch, and targets a norm can be taken of."""
-        m = recipe.model
-        n = (m.img_size // m.patch_size) ** 2
+        model = recipe.model
+        n = (model.img_size // model.patch_size) ** 2
         keep = int(n * (1 - self.mask_ratio))  # as pretrain.objectives.mae.num_kept (MAE's random_masking)
         _check(keep >= 1, f"objective.mae.mask_ratio={self.mask_ratio}: keeps int({n} x (1 - {self.mask_ratio})) = "
-               f"{keep} of the {n} patches that model.img_size={m.img_size} / model.patch_size={m.patch_size} make; "
+               f"{keep} of the {n} patches that model.img_size={model.img_size} / "
+               f"model.patch_size={model.patch_size} make; "
                f"the encoder needs at least one visible patch: mask_ratio <= 1 - 1/{n} = {1 - 1 / n:.4g}")
         if self.norm_pix_loss:
-            _check(m.patch_size**2 * m.in_chans >= 2, "objective.mae.norm_pix_loss=true: a patch of "
-                   f"model.patch_size={m.patch_size} x model.in_chans={m.in_chans} has one value and no variance; "
-                   "use a larger patch or objective.mae.norm_pix_loss=false")
-        _stats_fit("objective.mae", self.mean, m.in_chans)
+            _check(model.patch_size**2 * model.in_chans >= 2, "objective.mae.norm_pix_loss=true: a patch of "
+                   f"model.patch_size={model.patch_size} x model.in_chans={model.in_chans} has one value and no "
+                   "variance; use a larger patch or objective.mae.norm_pix_loss=false")
+        _stats_fit("objective.mae", self.mean, model.in_chans)
 
 
 @dataclass
@@ -250,8 +251,7 @@ class DINOConfig:
     hflip: bool = True
     color_jitter_prob: float = 0.8  # RGB: brightness/contrast/saturation/hue; 1 channel: brightness/contrast
     # ColorJitter strengths: brightness, contrast, saturation, hue (hue <= 0.5 turns; 0.5 = any hue). DINO's
-    # (0.4, 0.4, 0.2, 0.1) keeps colour as a cue (hue 0.5, any hue, did not make DINO colour-invariant on the
-    # colour Fashion-MNIST: it collapsed to the uniform; README)
+    # (0.4, 0.4, 0.2, 0.1) keeps colour as a cue; what any hue does on colour Fashion-MNIST: docs/results.md
     color_jitter: list[float] = _f([0.4, 0.4, 0.2, 0.1], length=4)
     grayscale_prob: float = 0.2  # RGB only
     blur_prob: list[float] = _f([1.0, 0.1, 0.5], length=3)  # global 1, global 2, locals
@@ -297,12 +297,13 @@ class DINOConfig:
 
     def validate_recipe(self, recipe: Recipe) -> None:
         """Crops go through the backbone's patch embedding: each must tile into whole patches."""
-        m = recipe.model
-        note = f" (0 = model.img_size={m.img_size})" if not self.global_crop_size else ""
-        _multiple_of_patch("objective.dino.global_crop_size", self.global_crop_size or m.img_size, m.patch_size, note)
+        model = recipe.model
+        note = f" (0 = model.img_size={model.img_size})" if not self.global_crop_size else ""
+        _multiple_of_patch("objective.dino.global_crop_size", self.global_crop_size or model.img_size,
+                           model.patch_size, note)
         if self.local_crops_number:
-            _multiple_of_patch("objective.dino.local_crop_size", self.local_crop_size, m.patch_size)
-        _stats_fit("objective.dino", self.mean, m.in_chans)
+            _multiple_of_patch("objective.dino.local_crop_size", self.local_crop_size, model.patch_size)
+        _stats_fit("objective.dino", self.mean, model.in_chans)
 
 
 # open_clip's BPE tokenizer emits ids below this; the text tower's embedding table must cover them.

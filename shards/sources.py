@@ -47,7 +47,7 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+]
 NAMED_CLASS_LISTS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": DIGIT_NAMES}
 
 # IDX type byte -> numpy dtype (big-endian, as the format specifies)

@@ -273,7 +273,7 @@ def prepared(samples: Iterable[RawSample], prepare: Preparer, workers: int = 1) 
 def _pool_context() -> multiprocessing.context.BaseContext:
     """fork on Linux, as torch's DataLoader: the workers start at once with what the parent imported. spawn and
     forkserver re-run the main script's imports in every worker, and a console script (`vitssl-shards`) imports
-    torch through webdataset: 4-5 s per worker here, more than the writing it saves. The pool is made before
+    torch through webdataset: seconds per worker, more than the writing it saves. The pool is made before
     the feeding thread starts, and the workers only run Pillow."""
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 

@@ -16,7 +16,7 @@ def embed_train_test(
     checkpoint, train: str | os.PathLike, test: str | os.PathLike, *, pooling: str = "cls",
     cache_dir: str | os.PathLike | None = None, batch_size: int = 256, num_workers: int = 0, accelerator=None,
     precision: str = "no",
-) -> tuple:  # fmt: skip
+) -> tuple:
     """(train Features, test Features, a description of them for a report) of two labelled shard sets embedded
     with `checkpoint` (run folder, checkpoint, exported backbone, or a loaded backbone; cached in `cache_dir`)."""
     if isinstance(checkpoint, (str, os.PathLike)):

@@ -108,7 +108,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def train_heads(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, candidates: Sequence[tuple[float, float]],
     recipe: ProbeRecipe, seed: int,
-) -> tuple[nn.Module, dict]:  # fmt: skip
+) -> tuple[nn.Module, dict]:
     """One head per (base_lr, weight_decay) candidate, trained together on (x, y); lr = base_lr * batch / 256.
 
     The protocol's epochs are a floor: a small train set gets more epochs until it has `min_steps` optimizer
@@ -144,7 +144,7 @@ def train_heads(
         [{"params": [model.weight], "head_lr": lrs, "head_wd": wds, "lars": lars},
          {"params": others, "head_lr": lrs, "head_wd": torch.zeros_like(wds), "lars": False}],
         momentum=recipe.momentum,
-    )  # fmt: skip
+    )
     # Fixed statistics: standardise the rows once, train on them, then put the norm in front of the heads.
     fit_heads(model, x if norm is None else norm(x), y, opt, epochs=epochs, warmup_epochs=warmup, batch_size=batch,
               generator=generator)

@@ -57,4 +57,4 @@ def knn_classify(
         settings={"k": min(k, len(train_x)), "temperature": temperature, "metric": "cosine",
                   "index": "faiss.IndexFlatIP"},
         selection="none: fixed k and temperature",
-    )  # fmt: skip
+    )

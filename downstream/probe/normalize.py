@@ -50,8 +50,8 @@ class Whiten(nn.Module):
 
     Why: SGD converges at a rate set by the condition number of the features' covariance. Standardising fixes
     each feature's scale but not their correlations; the mean-pooled tokens of a small ViT are nearly collinear
-    (a condition number of 1e14 after standardising, measured), and SGD then stops points short of the optimum
-    that scikit-learn's lbfgs reaches. Whitening makes the problem round. It is a candidate the probes choose on
+    (README, linear probes), and SGD then stops points short of the optimum that scikit-learn's lbfgs
+    reaches. Whitening makes the problem round. It is a candidate the probes choose on
     held-out train (`_probe_with_selection`), never forced: on well-conditioned features (pixels) and on few
     rows, standardising generalises better.
     """

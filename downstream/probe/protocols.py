@@ -47,13 +47,13 @@ class ProbeProtocol:
 
 MAE = ProbeProtocol("mae-lars", ProbeRecipe(head="linear", norm="batchnorm", optimizer="lars", momentum=0.9, epochs=90,
                                             warmup_epochs=10, batch_size=4096, min_steps=3000),
-                    MAE_BASE_LRS, WEIGHT_DECAYS, try_whiten=True)  # fmt: skip
+                    MAE_BASE_LRS, WEIGHT_DECAYS, try_whiten=True)
 DINO = ProbeProtocol("dino", ProbeRecipe(head="linear", norm="standardize", optimizer="sgd", momentum=0.9, epochs=100,
                                          warmup_epochs=0.0, batch_size=1024, min_steps=3000),
-                     DINO_BASE_LRS, WEIGHT_DECAYS, try_whiten=True)  # fmt: skip
+                     DINO_BASE_LRS, WEIGHT_DECAYS, try_whiten=True)
 COSINE = ProbeProtocol("cosine", ProbeRecipe(head="cosine", norm="none", optimizer="sgd", momentum=0.9, epochs=100,
                                              warmup_epochs=0.0, batch_size=1024, min_steps=3000, cosine_scale=16.0),
-                       DINO_BASE_LRS, (0.0,))  # fmt: skip
+                       DINO_BASE_LRS, (0.0,))
 
 
 def _trained_classifier(selection: Selection, train_x, train_y, num_classes: int, refit: bool, seed: int):
@@ -80,7 +80,7 @@ def _settings(selection: Selection, info: dict, held_out_fraction: float, refit:
         "optimizer": recipe.optimizer, "momentum": recipe.momentum, "norm": recipe.norm, "whiten": recipe.whiten,
         "head": recipe.head,
         "held_out_fraction": held_out_fraction, "refit": refit, "seed": seed, **extra,
-    }  # fmt: skip
+    }
 
 
 def probe(
@@ -118,7 +118,7 @@ def probe(
         num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
         classifier=classifier, settings=_settings(selection, info, held_out_fraction, refit, seed),
         sweep=selection.records, selection=selection.describe(refit, len(train_x)),
-    )  # fmt: skip
+    )
 
 
 def linear_probe_mae(
@@ -259,7 +259,7 @@ def centre_probe(
         num_classes=num_classes, num_train=len(train_x), classes=classes, seconds=time.perf_counter() - started,
         classifier=head, settings={"metric": "cosine", "centre": "normalised mean of L2-normalised train features"},
         selection="none: no hyper-parameters",
-    )  # fmt: skip
+    )
 
 
 PROTOCOLS = {"mae": linear_probe_mae, "dino": linear_probe_dino, "knn": knn_classify, "cosine": cosine_probe,

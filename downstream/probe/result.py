@@ -69,7 +69,7 @@ class ProbeResult:
 def result_from_scores(
     protocol: str, scores: torch.Tensor, test_y: torch.Tensor, *, num_classes: int, num_train: int,
     classes: Sequence[str] | None, seconds: float, classifier: nn.Module | None = None, **extra,
-) -> ProbeResult:  # fmt: skip
+) -> ProbeResult:
     """Metrics of class scores against labels, as the ProbeResult every protocol (and fine-tuning) reports."""
     metrics = classification_metrics(scores, test_y, num_classes)
     names = list(classes or [])

@@ -86,7 +86,7 @@ def _score(model: nn.Module, candidates, info: dict, fx, fy, hx, hy, round_: int
             "fit_loss": fit_loss,
             "fit_objective": fit_loss + 0.5 * wd * float(model.weight[h].detach().pow(2).sum()),
             "round": round_,
-        })  # fmt: skip
+        })
     return records
 
 
@@ -112,7 +112,7 @@ def select_hyperparameters(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: ProbeRecipe, *,
     base_lrs: Sequence[float], weight_decays: Sequence[float], held_out_fraction: float, seed: int,
     max_grid_extensions: int = 3,
-) -> Sweep:  # fmt: skip
+) -> Sweep:
     """Sweep base_lr x weight_decay on a seeded, stratified held-out split of the *train* rows.
 
     Every candidate is a head trained on the rest of train (all in one pass) and chosen by `_best`: the lr by
@@ -224,7 +224,7 @@ def select(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: ProbeRecipe, *, base_lrs: Sequence[float],
     weight_decays: Sequence[float], held_out_fraction: float, seed: int, max_grid_extensions: int,
     try_whiten: bool,
-) -> Selection:  # fmt: skip
+) -> Selection:
     """Choose (base_lr, weight_decay), and for a linear probe on enough rows the normalisation, on held-out train.
 
     With at least WHITEN_MIN_ROWS_PER_DIM rows per dimension a linear probe also sweeps whitened features and

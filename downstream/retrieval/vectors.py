@@ -22,10 +22,9 @@ from downstream.retrieval.errors import RetrievalError
 def default_factory(n: int, exact_below: int = 100_000) -> str:
     """The FAISS factory string used for `n` vectors when the caller names none.
 
-    IVF rather than HNSW above the threshold, measured by bench/retrieval.py (1M x 384 clustered and 70k
-    Fashion-MNIST, 2 threads): both reach recall@10 >= 0.95 at well over 10x exact throughput, but IVF builds
-    several times faster, needs no per-vector graph links, trains its k-means on a GPU, and keeps
-    `add` cheap. nlist ~ 4 sqrt(n), at least 39 training points per list (FAISS's own floor).
+    IVF rather than HNSW above the threshold: at equal recall IVF builds faster (bench/README.md, retrieval),
+    needs no per-vector graph links, trains its k-means on a GPU, and keeps `add` cheap. nlist ~ 4 sqrt(n), at
+    least 39 training points per list (FAISS's own floor).
     """
     if n < exact_below:
         return "Flat"

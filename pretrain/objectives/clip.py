@@ -206,14 +206,14 @@ class CLIP(Objective):
 
     def text_cfg(self) -> dict[str, Any]:
         """open_clip `CLIPTextCfg` fields (the export's `text_cfg`)."""
-        c = self.cfg
+        clip = self.cfg
         return {
-            "context_length": c.text_context_length,
-            "vocab_size": c.text_vocab_size,
-            "width": c.text_width,
-            "heads": c.text_heads,
-            "layers": c.text_layers,
-            "mlp_ratio": c.text_mlp_ratio,
+            "context_length": clip.text_context_length,
+            "vocab_size": clip.text_vocab_size,
+            "width": clip.text_width,
+            "heads": clip.text_heads,
+            "layers": clip.text_layers,
+            "mlp_ratio": clip.text_mlp_ratio,
         }
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -238,12 +238,13 @@ class DINO(Objective):
         return MultiCropTransform(**self._view_args())
 
     def _view_args(self) -> dict[str, Any]:
-        c = self.cfg
+        dino = self.cfg
         return dict(
             in_chans=self.in_chans, mean=self.mean, std=self.std, global_size=self.global_size,
-            global_scale=c.global_crops_scale, local_number=c.local_crops_number, local_size=c.local_crop_size,
-            local_scale=c.local_crops_scale, blur_prob=c.blur_prob, solarize_prob=c.solarize_prob, hflip=c.hflip,
-            color_jitter_prob=c.color_jitter_prob, color_jitter=tuple(c.color_jitter), grayscale_prob=c.grayscale_prob,
+            global_scale=dino.global_crops_scale, local_number=dino.local_crops_number,
+            local_size=dino.local_crop_size, local_scale=dino.local_crops_scale, blur_prob=dino.blur_prob,
+            solarize_prob=dino.solarize_prob, hflip=dino.hflip, color_jitter_prob=dino.color_jitter_prob,
+            color_jitter=tuple(dino.color_jitter), grayscale_prob=dino.grayscale_prob,
         )
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -302,8 +303,9 @@ class DINO(Objective):
     # --- the method -----------------------------------------------------------------------------------------
 
     def teacher_temp(self) -> float:
-        c = self.cfg
-        return teacher_temp_at(self.epoch, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs)
+        dino = self.cfg
+        return teacher_temp_at(self.epoch, dino.warmup_teacher_temp, dino.teacher_temp,
+                               dino.warmup_teacher_temp_epochs)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
