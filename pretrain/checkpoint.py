@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shards.atomic import write_text_atomic
+from shards.atomic import fsync_file, write_text_atomic
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE_MARKER = "trainer_state.json"
@@ -292,8 +292,8 @@ def _write_parts(accelerator, tmp: Path, *, model, optimizer, state: TrainerStat
 def _publish(tmp: Path, final: Path, out_dir: str | Path, keep_last: int) -> None:
     """Make the assembled folder the newest checkpoint: fsync, rename, prune, point `latest` at it."""
     for f in tmp.iterdir():  # data reach the disk before the rename makes them visible
-        with _writing(f), open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        with _writing(f):
+            fsync_file(f)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

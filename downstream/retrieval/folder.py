@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import faiss
 from downstream.retrieval.errors import RetrievalError
 from downstream.retrieval.metadata import MetadataStore
 from downstream.retrieval.vectors import faiss_reason
-from shards.atomic import atomic_path
+from shards.atomic import atomic_path, fsync_file
 from shards.manifest import sha256_file
 from shards.ownership import claim_output, mark_output
 
@@ -58,11 +57,6 @@ def new_info(user_info: dict, *, dim: int, normalize: bool, factory: str) -> dic
     return {**user_info, **computed, "count": 0, "search_params": {}}
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_folder(
     folder: Path, index: faiss.Index, store: MetadataStore, info: dict, *, overwrite: bool, loaded_from: Path | None
 ) -> Path:
@@ -80,11 +74,11 @@ def save_folder(
         faiss.write_index(index, str(index_path))
         store.backup_to(meta_path)
         for p in (index_path, meta_path):
-            _fsync(p)
+            fsync_file(p)
         info["count"] = int(index.ntotal)
         info["sha256"] = {INDEX_NAME: sha256_file(index_path), META_NAME: sha256_file(meta_path)}
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
-        _fsync(tmp / INFO_NAME)
+        fsync_file(tmp / INFO_NAME)
     return folder
 
 
